@@ -1,0 +1,1 @@
+"""Geometry building blocks for the text-to-3D recipes."""

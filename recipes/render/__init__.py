@@ -1,0 +1,1 @@
+"""Render building blocks for the text-to-3D recipes."""
