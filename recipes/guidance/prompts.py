@@ -1,0 +1,197 @@
+"""Prompt processing: text embeddings computed once, cached on disk, the text encoder freed afterwards.
+
+View-dependent prompting follows DreamFusion/threestudio: every view gets ``"<prompt>, <direction> view"``
+with direction chosen from the camera's azimuth and elevation (side by default; front when
+|azimuth| < front_threshold; back when |azimuth| > 180 − back_threshold; overhead when
+elevation > overhead_threshold, which wins over the others). The negative prompt (empty by default) is
+the unconditional branch of CFG.
+
+The cache is keyed by the text-encoder identity and the exact text, one file per text under
+``cache_dir``, written atomically so several ranks may fill it at once.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+
+from recipes.guidance.loading import TorchDType, default_device, load_pretrained, resolve_dtype
+
+VIEW_DIRECTIONS: tuple[str, ...] = ("side", "front", "back", "overhead")
+DEFAULT_CACHE_DIR = ".lightning_picard_cache/text_embeddings"
+
+
+@dataclass
+class PromptConfig:
+    """What to say to the diffusion model.
+
+    Attributes:
+        prompt: the text prompt.
+        negative_prompt: the unconditional branch of CFG ("" is the plain unconditional prediction).
+        view_dependent: append ", front view" etc. according to the camera.
+        front_threshold, back_threshold, overhead_threshold: degrees; threestudio's defaults are
+            45/45/60, ProlificDreamer and ScaleDreamer use 30/30 for front/back.
+        cache_dir: where embeddings are cached (created on demand).
+    """
+
+    prompt: str = "a delicious hamburger"
+    negative_prompt: str = ""
+    view_dependent: bool = True
+    front_threshold: float = 45.0
+    back_threshold: float = 45.0
+    overhead_threshold: float = 60.0
+    cache_dir: str = DEFAULT_CACHE_DIR
+
+    def directional_prompts(self) -> list[str]:
+        """One prompt per entry of :data:`VIEW_DIRECTIONS`."""
+        return [f"{self.prompt}, {direction} view" for direction in VIEW_DIRECTIONS]
+
+
+TextEncodeFn = Callable[[list[str]], torch.Tensor]
+
+
+class TextEncoding(Protocol):
+    """A text encoder that is loaded only when some embedding is missing from the cache."""
+
+    cache_key: str
+
+    def load(self) -> TextEncodeFn:
+        """Load the tokenizer and encoder; return a function mapping texts to embeddings [N, L, D]."""
+        ...
+
+
+@dataclass
+class PretrainedTextEncoding:
+    """The tokenizer + text encoder of a diffusers checkpoint (subfolders ``tokenizer``/``text_encoder``).
+
+    ``family`` selects CLIP (Stable Diffusion; last hidden state, padded to the tokenizer's max length)
+    or T5 (DeepFloyd IF; 77 tokens with the attention mask).
+    """
+
+    name_or_path: str
+    family: Literal["clip", "t5"]
+    torch_dtype: TorchDType = "auto"
+    config_hint: str | None = None
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.family}:{self.name_or_path}"
+
+    def load(self) -> TextEncodeFn:
+        import transformers
+
+        device = default_device()
+        dtype = resolve_dtype(self.torch_dtype, device)
+        if self.family == "clip":
+            tokenizer_cls, encoder_cls = transformers.CLIPTokenizer, transformers.CLIPTextModel
+        else:
+            tokenizer_cls, encoder_cls = transformers.T5Tokenizer, transformers.T5EncoderModel
+        tokenizer = load_pretrained(
+            tokenizer_cls, self.name_or_path, "tokenizer", config_hint=self.config_hint
+        )
+        encoder = load_pretrained(
+            encoder_cls, self.name_or_path, "text_encoder", config_hint=self.config_hint, torch_dtype=dtype
+        )
+        encoder = encoder.to(device).eval()
+        max_length = tokenizer.model_max_length if self.family == "clip" else 77
+
+        @torch.no_grad()
+        def encode(texts: list[str]) -> torch.Tensor:
+            tokens = tokenizer(
+                texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+            ).to(device)
+            mask = tokens.attention_mask if self.family == "t5" else None
+            return encoder(tokens.input_ids, attention_mask=mask)[0].float().cpu()
+
+        return encode
+
+
+def _cache_file(cache_dir: Path, cache_key: str, text: str) -> Path:
+    digest = hashlib.sha256(f"{cache_key}\n{text}".encode()).hexdigest()[:32]
+    return cache_dir / f"{digest}.pt"
+
+
+def cached_text_embeddings(texts: list[str], encoding: TextEncoding, cache_dir: str | Path) -> torch.Tensor:
+    """Embeddings [N, L, D] (float32, CPU) of ``texts``; the encoder is loaded only for cache misses
+    and released before returning."""
+    cache_dir = Path(cache_dir)
+    files = [_cache_file(cache_dir, encoding.cache_key, text) for text in texts]
+    missing = sorted({text for text, file in zip(texts, files) if not file.exists()})
+    if missing:
+        encode = encoding.load()
+        embeddings = encode(missing)
+        del encode
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for text, embedding in zip(missing, embeddings):
+            record = {"cache_key": encoding.cache_key, "text": text, "embedding": embedding.clone()}
+            handle, tmp_name = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+            os.close(handle)
+            torch.save(record, tmp_name)
+            os.replace(tmp_name, _cache_file(cache_dir, encoding.cache_key, text))
+    return torch.stack([torch.load(file, weights_only=True)["embedding"] for file in files])
+
+
+@dataclass
+class PromptEmbeddings:
+    """Cached embeddings of one prompt: view-independent, one per view direction, and the negative.
+
+    Attributes:
+        view_independent: [1, L, D].
+        directional: [len(VIEW_DIRECTIONS), L, D], in the order of :data:`VIEW_DIRECTIONS`.
+        negative: [1, L, D].
+    """
+
+    config: PromptConfig
+    view_independent: torch.Tensor
+    directional: torch.Tensor
+    negative: torch.Tensor
+
+    @classmethod
+    def compute(cls, config: PromptConfig, encoding: TextEncoding) -> PromptEmbeddings:
+        """Embed (or read from the cache) everything ``config`` needs."""
+        texts = [config.prompt, config.negative_prompt, *config.directional_prompts()]
+        embeddings = cached_text_embeddings(texts, encoding, config.cache_dir)
+        return cls(config, embeddings[0:1], embeddings[2:], embeddings[1:2])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeddings:
+        """A copy on ``device`` (and ``dtype`` when given)."""
+        move = lambda x: x.to(device=device, dtype=dtype or x.dtype)  # noqa: E731
+        return PromptEmbeddings(
+            self.config, move(self.view_independent), move(self.directional), move(self.negative)
+        )
+
+    def direction_index(self, elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor) -> torch.Tensor:
+        """Index into :data:`VIEW_DIRECTIONS` per view (int64, shape [B])."""
+        cfg = self.config
+        azimuth = torch.remainder(azimuth_deg.float() + 180.0, 360.0) - 180.0  # wrap to [−180, 180)
+        index = torch.zeros_like(azimuth, dtype=torch.long)
+        index[azimuth.abs() < cfg.front_threshold] = VIEW_DIRECTIONS.index("front")
+        index[azimuth.abs() > 180.0 - cfg.back_threshold] = VIEW_DIRECTIONS.index("back")
+        index[elevation_deg.float() > cfg.overhead_threshold] = VIEW_DIRECTIONS.index("overhead")
+        return index
+
+    def for_views(
+        self, elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(condition, uncondition) embeddings for a batch of views, each [B, L, D].
+
+        Without view-dependent prompting the condition is the plain prompt for every view.
+        """
+        batch = elevation_deg.shape[0]
+        if self.config.view_dependent:
+            index = self.direction_index(elevation_deg, azimuth_deg).to(self.directional.device)
+            condition = self.directional[index]
+        else:
+            condition = self.view_independent.expand(batch, -1, -1)
+        return condition, self.negative.expand(batch, -1, -1)
