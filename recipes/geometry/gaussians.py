@@ -1,0 +1,207 @@
+"""3D Gaussians as in DreamGaussian: ball initialisation, SH degree 0, and its Adam learning rates.
+
+The scene is five parameter tensors over N Gaussians (``means``, ``sh_dc``, ``opacity_logits``,
+``log_scales``, ``quats``); activations turn them into what a splatter consumes. Everything that
+changes N (densify, prune) lives in :mod:`recipes.geometry.gaussian_density_control` and works on the
+plain ``dict`` of these tensors, so the Picard replay can run it as a pure function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+SH_C0 = 0.28209479177387814
+"""Degree-0 real spherical harmonic: colour = SH_C0 · dc + 0.5."""
+
+PARAMETER_NAMES = ("means", "sh_dc", "opacity_logits", "log_scales", "quats")
+
+
+def rgb_to_sh_dc(rgb: Tensor) -> Tensor:
+    """The degree-0 SH coefficient that renders as ``rgb``."""
+    return (rgb - 0.5) / SH_C0
+
+
+def inverse_sigmoid(x: Tensor) -> Tensor:
+    """Logit of ``x`` (``x`` strictly inside (0, 1))."""
+    return torch.log(x / (1 - x))
+
+
+def quaternion_to_rotation(quats: Tensor) -> Tensor:
+    """Rotation matrices ``[N, 3, 3]`` of (not necessarily normalised) quaternions ``[N, 4]`` in wxyz order."""
+    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - w * z),
+            2 * (x * z + w * y),
+            2 * (x * y + w * z),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - w * x),
+            2 * (x * z - w * y),
+            2 * (y * z + w * x),
+            1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    ).reshape(*quats.shape[:-1], 3, 3)
+
+
+def covariances(quats: Tensor, scales: Tensor) -> Tensor:
+    """World-space covariances ``R S Sᵀ Rᵀ``, ``[N, 3, 3]``."""
+    rs = quaternion_to_rotation(quats) * scales[..., None, :]
+    return rs @ rs.transpose(-1, -2)
+
+
+def mean_sq_distance_to_neighbours(points: Tensor, k: int = 3, chunk: int = 1024) -> Tensor:
+    """Mean squared distance of every point to its ``k`` nearest other points, ``[N]`` (brute force)."""
+    out = []
+    for start in range(0, points.shape[0], chunk):
+        d2 = torch.cdist(points[start : start + chunk], points).square()
+        nearest = d2.topk(min(k + 1, points.shape[0]), dim=1, largest=False).values[:, 1:]
+        out.append(nearest.mean(dim=1))
+    return torch.cat(out)
+
+
+def sample_ball(num_points: int, radius: float, generator: torch.Generator) -> Tensor:
+    """``num_points`` points uniformly distributed in a ball of ``radius`` around the origin."""
+    u = torch.rand(num_points, 3, generator=generator, dtype=torch.float64)
+    phi = 2 * math.pi * u[:, 0]
+    cos_theta = 2 * u[:, 1] - 1
+    sin_theta = torch.sqrt(1 - cos_theta**2)
+    r = radius * torch.pow(u[:, 2], 1 / 3)
+    xyz = torch.stack([sin_theta * torch.cos(phi), sin_theta * torch.sin(phi), cos_theta], dim=-1)
+    return (r[:, None] * xyz).float()
+
+
+@dataclass
+class GaussianLearningRates:
+    """DreamGaussian's Adam learning rates (``configs/text.yaml``; ``position_lr_max_steps`` 500 in image.yaml).
+
+    The position learning rate decays log-linearly from ``position_lr_init · spatial_lr_scale`` to
+    ``position_lr_final · spatial_lr_scale`` over ``position_lr_max_steps``. As in DreamGaussian the
+    warm-up delay is off (``position_lr_delay_steps = 0``), so ``position_lr_delay_mult`` only matters
+    when a delay is set.
+    """
+
+    position_lr_init: float = 0.001
+    position_lr_final: float = 0.00002
+    position_lr_delay_mult: float = 0.02
+    position_lr_delay_steps: int = 0
+    position_lr_max_steps: int = 300
+    spatial_lr_scale: float = 10.0
+    feature_lr: float = 0.01
+    opacity_lr: float = 0.05
+    scaling_lr: float = 0.005
+    rotation_lr: float = 0.005
+    eps: float = 1e-15
+
+    def position_lr(self, step: int) -> float:
+        """Learning rate of the means for the optimizer step numbered ``step`` (DreamGaussian counts from 1)."""
+        lr_init = self.position_lr_init * self.spatial_lr_scale
+        lr_final = self.position_lr_final * self.spatial_lr_scale
+        if step < 0:
+            return 0.0
+        delay = 1.0
+        if self.position_lr_delay_steps > 0:
+            ramp = min(max(step / self.position_lr_delay_steps, 0.0), 1.0)
+            delay = self.position_lr_delay_mult + (1 - self.position_lr_delay_mult) * math.sin(
+                0.5 * math.pi * ramp
+            )
+        t = min(max(step / self.position_lr_max_steps, 0.0), 1.0)
+        return delay * math.exp((1 - t) * math.log(lr_init) + t * math.log(lr_final))
+
+    def base_lrs(self) -> dict[str, float]:
+        """Initial learning rate of every parameter tensor, keyed by name."""
+        return {
+            "means": self.position_lr_init * self.spatial_lr_scale,
+            "sh_dc": self.feature_lr,
+            "opacity_logits": self.opacity_lr,
+            "log_scales": self.scaling_lr,
+            "quats": self.rotation_lr,
+        }
+
+
+class PositionLRFactor:
+    """``LambdaLR`` factor for the means group: scheduler epoch k is optimizer step k + 1 in DreamGaussian."""
+
+    def __init__(self, lrs: GaussianLearningRates) -> None:
+        self.lrs = lrs
+
+    def __call__(self, scheduler_step: int) -> float:
+        return self.lrs.position_lr(scheduler_step + 1) / self.lrs.base_lrs()["means"]
+
+
+class Gaussians(nn.Module):
+    """N anisotropic 3D Gaussians with degree-0 SH colour (DreamGaussian's ``GaussianModel``).
+
+    Args:
+        num_points: initial count (DreamGaussian: 5000).
+        radius: initial points are uniform in a ball of this radius (DreamGaussian: 0.5).
+        init_opacity: opacity of every initial Gaussian (DreamGaussian: 0.1).
+        seed: seeds the initialisation generator (positions and the near-black random colours).
+    """
+
+    def __init__(self, num_points: int = 5000, radius: float = 0.5, init_opacity: float = 0.1, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        means = sample_ball(num_points, radius, generator)
+        colors = torch.rand(num_points, 3, generator=generator) / 255.0
+        scale = torch.sqrt(mean_sq_distance_to_neighbours(means).clamp_min(1e-7))
+        self.means = nn.Parameter(means)
+        self.sh_dc = nn.Parameter(rgb_to_sh_dc(colors))
+        self.opacity_logits = nn.Parameter(inverse_sigmoid(torch.full((num_points,), init_opacity)))
+        self.log_scales = nn.Parameter(torch.log(scale)[:, None].repeat(1, 3))
+        self.quats = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(num_points, 1))
+
+    def __len__(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def opacities(self) -> Tensor:
+        return torch.sigmoid(self.opacity_logits)
+
+    @property
+    def scales(self) -> Tensor:
+        return torch.exp(self.log_scales)
+
+    @property
+    def rotations(self) -> Tensor:
+        """Unit quaternions (wxyz)."""
+        return torch.nn.functional.normalize(self.quats, dim=-1)
+
+    @property
+    def colors(self) -> Tensor:
+        """RGB of every Gaussian, ``[N, 3]`` (view-independent at SH degree 0)."""
+        return (SH_C0 * self.sh_dc + 0.5).clamp_min(0.0)
+
+    def parameter_dict(self) -> dict[str, nn.Parameter]:
+        """The five parameter tensors keyed by name (the state densify/prune transforms)."""
+        return {name: getattr(self, name) for name in PARAMETER_NAMES}
+
+    def load_tensors(self, tensors: dict[str, Tensor]) -> dict[str, nn.Parameter]:
+        """Replace every parameter by a new ``nn.Parameter`` holding ``tensors[name]`` (sizes may change)."""
+        for name in PARAMETER_NAMES:
+            setattr(self, name, nn.Parameter(tensors[name].detach().clone()))
+        return self.parameter_dict()
+
+    def param_groups(self, lrs: GaussianLearningRates) -> list[dict]:
+        """One Adam param group per tensor, named like the tensors, with DreamGaussian's learning rates."""
+        base = lrs.base_lrs()
+        return [{"params": [getattr(self, name)], "lr": base[name], "name": name} for name in PARAMETER_NAMES]
+
+    def configure_optimizer(
+        self, lrs: GaussianLearningRates
+    ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
+        """Adam(eps=1e-15) over :meth:`param_groups` and a per-step scheduler decaying only the means' LR."""
+        optimizer = torch.optim.Adam(self.param_groups(lrs), lr=0.0, eps=lrs.eps)
+        factors = [
+            PositionLRFactor(lrs) if group["name"] == "means" else _one for group in optimizer.param_groups
+        ]
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+
+
+def _one(_: int) -> float:
+    return 1.0

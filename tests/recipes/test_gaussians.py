@@ -1,0 +1,281 @@
+"""3D Gaussians: DreamGaussian init and learning rates, the torch splatter, densify/prune with its index map."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from recipes.data.cameras import cameras_from_spherical
+from recipes.geometry.gaussian_density_control import (
+    DensificationSchedule,
+    DensificationStats,
+    GaussianDensityControl,
+    densify_and_prune,
+    prune,
+    reset_opacity,
+)
+from recipes.geometry.gaussians import PARAMETER_NAMES, GaussianLearningRates, Gaussians, rgb_to_sh_dc
+from recipes.render.gaussians_raster import rasterize_gaussians, render_gaussians, resolve_backend
+
+
+def one_camera(size: int = 32, distance: float = 2.0, fovy_deg: float = 40.0, elevation: float = 20.0):
+    def full(value: float) -> torch.Tensor:
+        return torch.tensor([value])
+
+    return cameras_from_spherical(full(elevation), full(30.0), full(distance), full(fovy_deg), size, size)
+
+
+def test_initialisation_follows_dreamgaussian():
+    g = Gaussians(num_points=300, radius=0.5, seed=3)
+    assert len(g) == 300
+    assert g.means.norm(dim=-1).max() <= 0.5 + 1e-6
+    assert g.means.norm(dim=-1).max() > 0.4  # fills the ball, not a shrunken core
+    torch.testing.assert_close(g.opacities, torch.full((300,), 0.1))
+    torch.testing.assert_close(g.rotations, torch.tensor([1.0, 0, 0, 0]).expand(300, 4))
+    assert g.colors.max() <= 1 / 255 + 1e-6
+    assert torch.all(g.log_scales[:, 0] == g.log_scales[:, 1])
+    # scale = sqrt(mean squared distance to the 3 nearest neighbours)
+    d2 = torch.cdist(g.means, g.means).square().fill_diagonal_(float("inf"))
+    expected = d2.topk(3, dim=1, largest=False).values.mean(1).sqrt()
+    torch.testing.assert_close(g.scales[:, 0], expected, rtol=1e-4, atol=1e-6)
+    same = Gaussians(num_points=300, seed=3)
+    assert torch.equal(same.means, g.means)
+    assert not torch.equal(Gaussians(num_points=300, seed=4).means, g.means)
+
+
+def test_learning_rates_and_position_decay():
+    lrs = GaussianLearningRates()
+    assert lrs.position_lr(0) == pytest.approx(0.01)
+    assert lrs.position_lr(300) == pytest.approx(2e-4)
+    assert lrs.position_lr(150) == pytest.approx(math.sqrt(0.01 * 2e-4))
+    assert lrs.position_lr(10_000) == pytest.approx(2e-4)
+
+    g = Gaussians(num_points=20)
+    optimizer, scheduler = g.configure_optimizer(lrs)
+    assert optimizer.defaults["eps"] == 1e-15
+    lr_of = {group["name"]: group for group in optimizer.param_groups}
+    assert {k: v["lr"] for k, v in lr_of.items() if k != "means"} == {
+        "sh_dc": 0.01,
+        "opacity_logits": 0.05,
+        "log_scales": 0.005,
+        "quats": 0.005,
+    }
+    seen = []
+    for _ in range(3):
+        seen.append(lr_of["means"]["lr"])
+        g.means.sum().backward()
+        optimizer.step()
+        scheduler.step()
+    # DreamGaussian sets lr(step) before optimizer step number `step` (1-based)
+    assert seen == pytest.approx([lrs.position_lr(s) for s in (1, 2, 3)])
+    assert lr_of["sh_dc"]["lr"] == 0.01
+
+
+def test_gradients_reach_every_parameter():
+    g = Gaussians(num_points=64, radius=0.4, seed=0)
+    with torch.no_grad():
+        g.opacity_logits.fill_(0.0)
+        g.log_scales.add_(0.5)
+        g.quats.add_(0.1 * torch.randn(64, 4, generator=torch.Generator().manual_seed(0)))
+    out = render_gaussians(g, one_camera(24), background=torch.ones(3))
+    target = torch.rand(out.rgb.shape, generator=torch.Generator().manual_seed(1))
+    ((out.rgb - target) ** 2).mean().add(out.depth.mean()).backward()
+    for name in PARAMETER_NAMES:
+        grad = getattr(g, name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    assert out.means2d.grad is not None and out.means2d.grad.shape == (1, 64, 2)
+    assert out.means2d.grad[out.radii == 0].abs().sum() == 0
+
+
+def fibonacci_sphere(n: int, radius: float) -> torch.Tensor:
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    z = 1 - 2 * i / n
+    phi = math.pi * (3 - math.sqrt(5)) * i
+    r = torch.sqrt(1 - z * z)
+    return (radius * torch.stack([r * torch.cos(phi), r * torch.sin(phi), z], -1)).float()
+
+
+def test_sphere_of_gaussians_matches_the_disc_silhouette_and_colour():
+    n, radius, sigma, size, distance, fovy = 1500, 0.5, 0.025, 40, 2.0, 40.0
+    means = fibonacci_sphere(n, radius)
+    cams = one_camera(size, distance, fovy)
+    out = rasterize_gaussians(
+        means,
+        torch.tensor([1.0, 0, 0, 0]).expand(n, 4),
+        torch.full((n, 3), sigma),
+        torch.full((n,), 0.99),
+        torch.tensor([1.0, 0.2, 0.1]).expand(n, 3),
+        cams,
+        background=torch.ones(3),
+    )
+    focal = 0.5 * size / math.tan(math.radians(fovy) / 2)
+    # Gaussians centred on the sphere reach past it; along grazing rays many overlap, so the
+    # alpha = 0.5 contour sits about two standard deviations outside the sphere.
+    disc_radius = focal * math.tan(math.asin((radius + 2 * sigma) / distance))
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    disc = (xs - size / 2) ** 2 + (ys - size / 2) ** 2 <= disc_radius**2
+    silhouette = out.alpha[0, ..., 0] > 0.5
+    iou = (silhouette & disc).sum() / (silhouette | disc).sum()
+    assert iou > 0.95
+    inner = (xs - size / 2) ** 2 + (ys - size / 2) ** 2 <= (0.8 * disc_radius) ** 2
+    colour_error = (out.rgb[0][inner] - torch.tensor([1.0, 0.2, 0.1])).abs()
+    assert (
+        colour_error.max() < 0.06 and colour_error.mean() < 0.01
+    )  # a little background leaks between splats
+    far = (xs - size / 2) ** 2 + (ys - size / 2) ** 2 >= (1.3 * disc_radius) ** 2
+    torch.testing.assert_close(out.rgb[0][far], torch.ones(int(far.sum()), 3), atol=1e-3, rtol=0)
+    # expected depth of the front surface is about distance − radius
+    front = out.depth[0, size // 2, size // 2, 0] / out.alpha[0, size // 2, size // 2, 0]
+    assert abs(front.item() - (distance - radius)) < 0.05
+
+
+def toy_state(n: int = 8) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "means": torch.randn(n, 3, generator=generator),
+        "sh_dc": rgb_to_sh_dc(torch.rand(n, 3, generator=generator)),
+        "opacity_logits": torch.full((n,), 2.0),
+        "log_scales": torch.log(torch.tensor([0.01, 0.02, 0.2, 0.3, 0.01, 0.3, 0.01, 0.3]))[:n, None].repeat(
+            1, 3
+        ),
+        "quats": torch.nn.functional.normalize(torch.randn(n, 4, generator=generator), dim=-1),
+    }
+
+
+def toy_stats(n: int = 8) -> DensificationStats:
+    stats = DensificationStats.zeros(n)
+    # rows 0, 1 (small) and 2, 3 (large) have large mean gradients; 4, 5 below threshold; 6, 7 unseen
+    stats.grad_norm_sum = torch.tensor([0.05, 0.02, 0.03, 0.1, 0.001, 0.005, 0.0, 0.0])[:n]
+    stats.count = torch.tensor([1.0, 1, 1, 2, 1, 1, 0, 0])[:n]
+    return stats
+
+
+def test_densify_clones_small_splits_large_and_maps_children_to_parents():
+    state, stats = toy_state(), toy_stats()
+    state["opacity_logits"][7] = -6.0  # opacity 0.0025 < 0.01: pruned
+    schedule = DensificationSchedule(percent_dense=0.01, extent=4.0)  # clone if max scale <= 0.04
+    change = densify_and_prune(state, stats, step=50, schedule=schedule)
+    # survivors 0 1 4 5 6 (2, 3 are split away, 7 pruned), clones of 0 1, two children each of 2 3
+    assert change.parents.tolist() == [0, 1, 4, 5, 6, 0, 1, 2, 3, 2, 3]
+    assert change.fresh.tolist() == [False] * 5 + [True] * 6
+    for name in ("sh_dc", "opacity_logits", "quats"):
+        torch.testing.assert_close(change.tensors[name], state[name][change.parents])
+    torch.testing.assert_close(change.tensors["means"][:7], state["means"][[0, 1, 4, 5, 6, 0, 1]])
+    children = change.tensors["means"][7:]
+    parent_means = state["means"][change.parents[7:]]
+    parent_scale = torch.exp(state["log_scales"][change.parents[7:], 0])
+    assert not torch.allclose(children, parent_means)
+    assert ((children - parent_means).norm(dim=-1) < 5 * parent_scale).all()
+    torch.testing.assert_close(
+        change.tensors["log_scales"][7:], state["log_scales"][change.parents[7:]] - math.log(1.6)
+    )
+    assert change.stats.count.shape == (11,) and change.stats.count.sum() == 0
+    grad_old = torch.arange(8.0)[:, None].expand(8, 3)
+    torch.testing.assert_close(change.unproject(grad_old), grad_old[change.parents])
+
+
+def test_densify_is_a_deterministic_function_of_state_stats_and_step():
+    schedule = DensificationSchedule()
+    a = densify_and_prune(toy_state(), toy_stats(), step=100, schedule=schedule)
+    b = densify_and_prune(toy_state(), toy_stats(), step=100, schedule=schedule)
+    c = densify_and_prune(toy_state(), toy_stats(), step=150, schedule=schedule)
+    for name in PARAMETER_NAMES:
+        assert torch.equal(a.tensors[name], b.tensors[name])
+    assert torch.equal(a.parents, c.parents)
+    assert not torch.equal(a.tensors["means"], c.tensors["means"])  # split offsets are seeded by the step
+    # the global RNG is neither used nor consumed
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    densify_and_prune(toy_state(), toy_stats(), step=100, schedule=schedule)
+    assert torch.equal(torch.rand(1), before)
+
+
+def test_prune_uses_screen_radius_and_world_size():
+    state, stats = toy_state(), toy_stats()
+    stats.max_radii = torch.tensor([0.0, 0, 0, 0, 0, 0, 2.0, 0])
+    change = prune(state, stats, DensificationSchedule(max_screen_size=1.0), extent=1.0)
+    # world scale > 0.1 * extent drops 2, 3, 5, 7; screen radius drops 6
+    assert change.parents.tolist() == [0, 1, 4]
+    assert not change.fresh.any()
+
+
+def test_optimizer_state_is_resized_like_dreamgaussian():
+    g = Gaussians(num_points=8)
+    g.load_tensors(toy_state())
+    optimizer, _ = g.configure_optimizer(GaussianLearningRates())
+    for p in g.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    old = g.parameter_dict()
+    old_state = {name: {k: v.clone() for k, v in optimizer.state[p].items()} for name, p in old.items()}
+    control = GaussianDensityControl(DensificationSchedule())
+    control.stats = toy_stats()
+    changes = control.after_optimizer_step(g, optimizer, step=50)
+    assert len(changes) == 1
+    change = changes[0]
+    new = g.parameter_dict()
+    assert len(g) == 12 and all(p is not old[n] for n, p in new.items())
+    assert [group["params"][0] for group in optimizer.param_groups] == list(new.values())
+    for name, p in new.items():
+        state = optimizer.state[p]
+        assert old[name] not in optimizer.state
+        assert torch.equal(state["step"], old_state[name]["step"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            kept = ~change.fresh
+            torch.testing.assert_close(state[key][kept], old_state[name][key][change.parents[kept]])
+            assert state[key][change.fresh].abs().sum() == 0
+            assert state[key].data_ptr() != old_state[name][key].data_ptr()
+    g.means.sum().backward()
+    optimizer.step()  # shapes line up after the surgery
+    assert control.stats is not None and control.stats.count.shape == (12,)
+
+
+def test_schedule_collects_densifies_and_resets_on_dreamgaussian_steps():
+    schedule = DensificationSchedule(start_step=100, end_step=400, interval=100, opacity_reset_interval=300)
+    assert [s for s in range(0, 500, 50) if schedule.densifies_at(s)] == [100, 200, 300, 400]
+    assert [s for s in range(0, 500, 50) if schedule.resets_opacity_at(s)] == [300]
+    assert not schedule.collects_statistics(99)
+    state = toy_state()
+    change = reset_opacity(state, toy_stats())
+    assert torch.sigmoid(change.tensors["opacity_logits"]).max() <= 0.01 + 1e-6
+    assert change.reset == {"opacity_logits"} and change.parents.tolist() == list(range(8))
+
+
+def test_density_control_observes_render_gradients():
+    g = Gaussians(num_points=32, radius=0.3)
+    with torch.no_grad():
+        g.opacity_logits.fill_(1.0)
+    out = render_gaussians(g, one_camera(16))
+    out.rgb.sum().backward()
+    control = GaussianDensityControl(DensificationSchedule(start_step=1))
+    control.observe(0, out.means2d.grad[0], out.radii[0], 16, 16)
+    assert control.stats is None  # step 0 is before start_step
+    control.observe(1, out.means2d.grad[0], out.radii[0], 16, 16)
+    visible = out.radii[0] > 0
+    assert torch.equal(control.stats.count, visible.float())
+    expected = (out.means2d.grad[0] * 8).norm(dim=-1)[visible]
+    torch.testing.assert_close(control.stats.grad_norm_sum[visible], expected)
+
+
+def test_backend_setting():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_backend("cuda-magic", torch.device("cpu"))  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+def test_gsplat_matches_torch_reference():
+    pytest.importorskip("gsplat")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = Gaussians(num_points=500, radius=0.4).cuda()
+    with torch.no_grad():
+        g.opacity_logits.fill_(0.5)
+    cams = one_camera(64).to("cuda")
+    fast = render_gaussians(g, cams, torch.ones(3, device="cuda"), backend="gsplat")
+    ref = render_gaussians(g, cams, torch.ones(3, device="cuda"), backend="torch")
+    assert (fast.rgb - ref.rgb).abs().mean() < 1e-2
+    assert (fast.alpha - ref.alpha).abs().mean() < 1e-2
