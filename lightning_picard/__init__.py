@@ -1,1 +1,57 @@
-"""lightning_picard."""
+"""lightning_picard: parallel-in-time (generalized Picard) training for PyTorch Lightning.
+
+Importing the package registers the strategy names ``"picard"`` (subprocess launch, for GPUs and
+clusters), ``"picard_spawn"`` and ``"picard_fork"`` with ``lightning.pytorch``::
+
+    import lightning.pytorch as pl
+    import lightning_picard
+
+    trainer = pl.Trainer(strategy="picard", devices=8, max_steps=10_000)
+"""
+
+import sys
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_picard.callbacks import StepSeed
+from lightning_picard.picard import FlatParameters, OptimizerSnapshot, PicardWindow, RoundResult
+from lightning_picard.rng import current_step_seed, step_generator, step_rng, step_seed
+from lightning_picard.strategy import PicardStrategy
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "FlatParameters",
+    "OptimizerSnapshot",
+    "PicardStrategy",
+    "PicardWindow",
+    "RoundResult",
+    "StepSeed",
+    "current_step_seed",
+    "step_generator",
+    "step_rng",
+    "step_seed",
+]
+
+PicardStrategy.register_strategies(StrategyRegistry)
+
+
+def _reject_pytorch_lightning(**_: object) -> None:
+    raise RuntimeError(
+        "lightning_picard works with `lightning.pytorch.Trainer`, not `pytorch_lightning.Trainer` (a separate copy "
+        "of Lightning). Use `import lightning.pytorch as pl` and `pl.Trainer(strategy='picard')`."
+    )
+
+
+def register_pytorch_lightning_guard() -> None:
+    """Make ``pytorch_lightning.Trainer(strategy="picard")`` fail with an error that says what to use instead."""
+    from pytorch_lightning.strategies import StrategyRegistry as PytorchLightningRegistry
+
+    for name in ("picard", "picard_spawn", "picard_fork"):
+        PytorchLightningRegistry.register(
+            name, _reject_pytorch_lightning, description="use lightning.pytorch.Trainer", override=True
+        )
+
+
+if "pytorch_lightning" in sys.modules:
+    register_pytorch_lightning_guard()

@@ -1,0 +1,305 @@
+"""The training-epoch loop that runs Picard rounds; the only module that touches Lightning's private API.
+
+One ``advance`` is one Picard round: buffer the batches of steps τ … τ+n−1, evaluate this rank's slots,
+gather, replay, slide. ``global_step`` is τ, the number of converged steps, so ``max_steps``,
+``ModelCheckpoint(every_n_train_steps=…)``, the progress bar and the loggers count optimizer steps, not rounds.
+The Lightning pieces used here are listed in :data:`PRIVATE_API` and checked by a contract test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.loops.fetchers import _DataFetcher, _DataLoaderIterDataFetcher
+from lightning.pytorch.loops.optimization.automatic import ClosureResult
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+from lightning.pytorch.trainer import call
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from lightning_picard import rng
+from lightning_picard.picard import RoundResult, aggregate_errors
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from lightning_picard.strategy import PicardStrategy
+
+PRIVATE_API: tuple[tuple[str, str], ...] = (
+    ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop"),
+    ("lightning.pytorch.loops.fetchers", "_DataFetcher"),
+    ("lightning.pytorch.loops.fetchers", "_DataLoaderIterDataFetcher"),
+    ("lightning.pytorch.loops.optimization.automatic", "ClosureResult"),
+    ("lightning.pytorch.trainer.call", "_call_strategy_hook"),
+    ("lightning.pytorch.trainer.call", "_call_callback_hooks"),
+    ("lightning.pytorch.trainer.call", "_call_lightning_module_hook"),
+)
+"""(module, name) pairs of private Lightning API this module relies on."""
+
+
+def check_trainer_supported(trainer: pl.Trainer) -> None:
+    """Raise for Trainer settings Picard cannot honour; switch off the distributed sampler.
+
+    Every rank must see the same sequence of batches, so no ``DistributedSampler`` is injected.
+    """
+    if trainer.accumulate_grad_batches != 1 or any(
+        isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks
+    ):
+        raise MisconfigurationException(
+            "PicardStrategy does not support gradient accumulation (accumulate_grad_batches="
+            f"{trainer.accumulate_grad_batches}). Use a larger batch instead: each Picard slot is one optimizer "
+            "step."
+        )
+    trainer._accelerator_connector.use_distributed_sampler = False
+
+
+def install_picard_loop(trainer: pl.Trainer) -> None:
+    """Replace the trainer's training-epoch loop with a :class:`PicardEpochLoop` (once)."""
+    current = trainer.fit_loop.epoch_loop
+    if isinstance(current, PicardEpochLoop):
+        return
+    trainer.fit_loop.epoch_loop = PicardEpochLoop(
+        trainer, min_steps=current.min_steps, max_steps=current.max_steps
+    )
+
+
+class PicardEpochLoop(_TrainingEpochLoop):
+    """A training-epoch loop whose every iteration is one Picard round of the trainer's PicardStrategy."""
+
+    def __init__(self, trainer: pl.Trainer, min_steps: int | None = None, max_steps: int = -1) -> None:
+        super().__init__(trainer, min_steps=min_steps, max_steps=max_steps)
+        self._batches: list[Any] = []
+        self._exhausted = False
+        self._evaluating_step: int | None = None
+        self._local_rows: torch.Tensor | None = None
+
+    @property
+    def strategy(self) -> PicardStrategy:
+        return self.trainer.strategy  # type: ignore[return-value]
+
+    @property
+    @override
+    def global_step(self) -> int:
+        """τ, or the step being evaluated or replayed while a slot is in flight."""
+        if self._evaluating_step is not None:
+            return self._evaluating_step
+        return super().global_step
+
+    @override
+    def reset(self) -> None:
+        super().reset()
+        self._batches.clear()
+        self._exhausted = False
+
+    @override
+    def advance(self, data_fetcher: _DataFetcher) -> None:
+        if isinstance(data_fetcher, _DataLoaderIterDataFetcher):
+            raise MisconfigurationException(
+                "PicardStrategy needs the batch of each step; a training_step taking `dataloader_iter` is not "
+                "supported. Take `batch` (and `batch_idx`) instead."
+            )
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and self.trainer.world_size > 1
+        ):
+            self._broadcast_sigterm_tensor()
+
+        trainer = self.trainer
+        tau = self.global_step
+        first_batch_idx = self.batch_idx + 1
+        limit = self._window_limit(tau, first_batch_idx)
+        self._fill(data_fetcher, limit)
+        if not self._batches:
+            raise StopIteration
+        n = min(limit, len(self._batches))
+
+        batch = self._batches[0]
+        trainer._logger_connector.on_batch_start(batch)
+        call._call_callback_hooks(trainer, "on_train_batch_start", batch, first_batch_idx)
+        response = call._call_lightning_module_hook(trainer, "on_train_batch_start", batch, first_batch_idx)
+        call._call_strategy_hook(trainer, "on_train_batch_start", batch, first_batch_idx)
+        if response == -1:
+            self.batch_progress.increment_by(0, is_last_batch=True)
+            raise StopIteration
+
+        with trainer.profiler.profile("picard_evaluate_slots"):
+            outputs = self._evaluate_slots(n, tau, first_batch_idx)
+        with trainer.profiler.profile("picard_gather"):
+            gathered = self.strategy.gather_rows(self._local_rows)
+        with trainer.profiler.profile("picard_replay"):
+            result = self.strategy.window.run_round(
+                tau,
+                n,
+                gradient_row=lambda j: gathered[self.strategy.gathered_row(j)],
+                apply_update=lambda j: self._apply_update(tau + j, first_batch_idx + j),
+                snapshot=self.strategy.snapshot,
+            )
+        skip = result.skip
+        del self._batches[:skip]
+        self.batch_progress.increment_by(skip, is_last_batch=self._exhausted and not self._batches)
+        self.automatic_optimization.optim_progress.optimizer.step.increment_by(skip)
+        self._log_round(result)
+
+        if self._num_ready_batches_reached():
+            self.update_lr_schedulers("epoch", update_plateau_schedulers=False)
+        last_batch_idx = first_batch_idx + skip - 1
+        call._call_callback_hooks(trainer, "on_train_batch_end", outputs, batch, last_batch_idx)
+        call._call_lightning_module_hook(trainer, "on_train_batch_end", outputs, batch, last_batch_idx)
+        trainer._logger_connector.on_batch_end()
+        self._send_to_loggers(tau, skip)
+        # The parent's on_advance_end adds one: the logger step and global step both end at τ + skip.
+        self._batches_that_stepped = tau + skip - 1
+
+    def _window_limit(self, tau: int, first_batch_idx: int) -> int:
+        """Slots this round: the window size, cut so the window never jumps over a step where something
+        must happen (max_steps, a ModelCheckpoint every_n_train_steps multiple, a validation check)."""
+        trainer = self.trainer
+        limit = self.strategy.window_size
+        if self.max_steps >= 0:
+            limit = min(limit, self.max_steps - tau)
+        for checkpoint in trainer.checkpoint_callbacks:
+            every = getattr(checkpoint, "_every_n_train_steps", 0) or 0
+            if every > 0:
+                limit = min(limit, every - tau % every)
+        val_every = trainer.val_check_batch
+        if trainer.enable_validation and isinstance(val_every, int) and val_every > 0:
+            done = (
+                first_batch_idx if trainer.check_val_every_n_epoch is not None else self.total_batch_idx + 1
+            )
+            limit = min(limit, val_every - done % val_every)
+        return max(limit, 1)
+
+    def _fill(self, data_fetcher: _DataFetcher, n: int) -> None:
+        """Buffer batches until ``n`` steps are available or the epoch's data is exhausted."""
+        trainer = self.trainer
+        while len(self._batches) < n and not self._exhausted:
+            try:
+                batch, _, __ = next(data_fetcher)
+            except StopIteration:
+                self._exhausted = True
+                break
+            self._exhausted = data_fetcher.done
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)
+            batch = call._call_strategy_hook(trainer, "batch_to_device", batch, dataloader_idx=0)
+            self._batches.append(batch)
+
+    def _evaluate_slots(self, n: int, tau: int, first_batch_idx: int) -> Any:
+        """Gradients of this rank's slots into its local rows; returns the last evaluated slot's output."""
+        trainer = self.trainer
+        strategy = self.strategy
+        window, flat = strategy.window, strategy.flat
+        if self._local_rows is None:
+            self._local_rows = flat.new_rows(strategy.slots_per_rank)
+        optimizer = trainer.optimizers[0]
+        output: Any = None
+        for j in strategy.owned_slots(n):
+            window.load(j)
+            step, batch_idx = tau + j, first_batch_idx + j
+            self._evaluating_step = step
+            try:
+                with rng.step_rng(strategy.seed, step):
+                    kwargs = self._build_kwargs(OrderedDict(), self._batches[j], batch_idx)
+                    step_output = call._call_strategy_hook(trainer, "training_step", *kwargs.values())
+                    strategy.post_training_step()
+                    result = ClosureResult.from_training_step_output(
+                        step_output, trainer.accumulate_grad_batches
+                    )
+                    if result.closure_loss is None:
+                        raise MisconfigurationException(
+                            f"training_step returned no loss at step {step}. PicardStrategy needs a loss at every "
+                            "step: return a tensor or a dict with a 'loss' key (skipping steps is not supported)."
+                        )
+                    call._call_lightning_module_hook(
+                        trainer, "optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer
+                    )
+                    call._call_strategy_hook(trainer, "backward", result.closure_loss, optimizer)
+            finally:
+                self._evaluating_step = None
+            flat.write_gradients(self._local_rows[strategy.local_row(j)])
+            output = result.asdict()
+        window.load(0)
+        return output
+
+    def _apply_update(self, step: int, batch_idx: int) -> None:
+        """The user's optimizer step (with clipping and hooks) and step-interval schedulers for ``step``."""
+        trainer = self.trainer
+        module = trainer.lightning_module
+        self._evaluating_step = step
+        try:
+            call._call_lightning_module_hook(
+                trainer,
+                "optimizer_step",
+                trainer.current_epoch,
+                batch_idx,
+                module.optimizers(use_pl_optimizer=True),
+                _gradients_already_loaded,
+            )
+            for config in trainer.lr_scheduler_configs:
+                if config.interval == "step" and (batch_idx + 1) % config.frequency == 0:
+                    call._call_lightning_module_hook(trainer, "lr_scheduler_step", config.scheduler, None)
+        finally:
+            self._evaluating_step = None
+
+    def _log_round(self, result: RoundResult) -> None:
+        module = self.trainer.lightning_module
+        window = self.strategy.window
+        finite = [e for e in result.errors if math.isfinite(e)]
+        converged = result.window_start + result.skip
+        metrics = {
+            "picard/skip": float(result.skip),
+            "picard/rounds": float(window.rounds),
+            "picard/threshold": result.threshold,
+            "picard/error_median": aggregate_errors(result.errors, "median"),
+            "picard/error_max": max(finite) if finite else math.nan,
+            "picard/window_start": float(result.window_start),
+        }
+        previous = module._current_fx_name
+        module._current_fx_name = "training_step"
+        try:
+            module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+            module.log(
+                "picard/steps_per_round",
+                converged / max(window.rounds, 1),
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+                prog_bar=True,
+            )
+        finally:
+            module._current_fx_name = previous
+
+    def _send_to_loggers(self, tau: int, skip: int) -> None:
+        """Log at step τ when this round completed a step that Lightning would have logged."""
+        trainer = self.trainer
+        every = trainer.log_every_n_steps
+        crossed = every > 0 and (tau + skip) // every > tau // every
+        if crossed or trainer.should_stop or trainer.fast_dev_run:
+            connector = trainer._logger_connector
+            connector.log_metrics(connector.metrics["log"], step=tau)
+
+    @override
+    def on_save_checkpoint(self) -> dict:
+        state = super().on_save_checkpoint()
+        window = getattr(self.strategy, "window", None)
+        if window is not None:
+            state["picard"] = window.state_dict()
+        return state
+
+    @override
+    def on_load_checkpoint(self, state_dict: dict) -> None:
+        super().on_load_checkpoint(state_dict)
+        window = getattr(self.strategy, "window", None)
+        if window is not None and "picard" in state_dict:
+            rank_zero_info(f"Picard resume: {window.load_state_dict(state_dict['picard'])}.")
+
+
+def _gradients_already_loaded() -> None:
+    """The closure handed to ``optimizer.step`` during replay: the gradients were loaded by the window."""
+    return None

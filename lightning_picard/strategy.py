@@ -1,0 +1,246 @@
+"""PicardStrategy: processes, collectives and who owns which window slot."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_picard import rng
+from lightning_picard.picard import AGGREGATES, INITIALIZERS, FlatParameters, OptimizerSnapshot, PicardWindow
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+log = logging.getLogger(__name__)
+
+
+class PicardStrategy(DDPStrategy):
+    """Train a LightningModule as generalized Picard iterations over a sliding window of optimizer steps.
+
+    Every rank holds the same window: the anchor (the exact sequential state at step τ) and guesses of
+    the next ``window_size`` steps. Each round, slot ``j`` is evaluated by rank ``j mod world_size`` at its
+    guess, with the batch and the random seed of step ``τ + j``; one ``all_gather`` shares the gradients;
+    every rank replays the user's optimizer from the anchor and slides the window past the steps whose
+    guesses were within the threshold. There is no coordinator rank and no parameter broadcast after setup.
+
+    With ``threshold=0`` the final parameters equal sequential training (with the :class:`StepSeed`
+    callback) bit for bit; with a small positive threshold, fewer rounds than steps are needed.
+
+    Args:
+        window_size: slots per round P; ``None`` means one slot per rank. May exceed the world size
+            (several slots per rank).
+        threshold: initial error threshold on ``‖θ' − θ‖² / D``. ``0`` disables adaptation and gives the
+            sequential result exactly.
+        ema_decay: γ of the adaptive threshold ``e ← γ·e + (1 − γ)·M(errors)``, in ``[0, 1)``.
+        aggregate: ``M``: ``"median"`` (a true median) or ``"mean"``.
+        init: guess for new slots: ``"copy"`` the last replayed state, or ``"extrapolate"`` by continuing the
+            replay with the latest gradient.
+        seed: base of the per-step seeds: step ``s`` runs with ``seed + s``.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+        process_group_backend, timeout, start_method: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
+            The backend defaults to NCCL on GPUs and gloo on CPU.
+    """
+
+    strategy_name = "picard"
+
+    def __init__(
+        self,
+        window_size: int | None = None,
+        threshold: float = 5e-6,
+        ema_decay: float = 0.9,
+        aggregate: Literal["median", "mean"] = "median",
+        init: Literal["copy", "extrapolate"] = "copy",
+        seed: int = 0,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        _validate_arguments(window_size, threshold, ema_decay, aggregate, init, seed)
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.window_size_arg = window_size
+        self.threshold = float(threshold)
+        self.ema_decay = float(ema_decay)
+        self.aggregate = aggregate
+        self.init = init
+        self.seed = int(seed)
+        self.window: PicardWindow | None = None
+        self.flat: FlatParameters | None = None
+        self.snapshot: OptimizerSnapshot | None = None
+
+    @property
+    def window_size(self) -> int:
+        """Slots per round: the ``window_size`` argument, or the world size."""
+        return self.window_size_arg if self.window_size_arg is not None else self.world_size
+
+    @property
+    def slots_per_rank(self) -> int:
+        """Gradient rows each rank contributes to the all-gather: ``ceil(window_size / world_size)``."""
+        return -(-self.window_size // self.world_size)
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": 1, "rank": 0}
+
+    @override
+    def configure_ddp(self) -> None:
+        """No DDP wrapper: ranks hold different iterates and gradients are gathered explicitly."""
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        from lightning_picard.loop import check_trainer_supported, install_picard_loop
+
+        if trainer.state.fn == TrainerFn.FITTING:
+            check_trainer_supported(trainer)
+        super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        module = trainer.lightning_module
+        self._check_optimization(trainer)
+        self._synchronize_initial_state(module)
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.flat = FlatParameters(params)
+        self.window = PicardWindow(
+            self.flat, self.window_size, self.threshold, self.ema_decay, self.aggregate, self.init
+        )
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        self.snapshot = OptimizerSnapshot(trainer.optimizers[0], schedulers)
+        install_picard_loop(trainer)
+        log.info(
+            "Picard: %d slots over %d rank(s), %d parameters, threshold %.3g (%s), ema_decay %.3g, init=%s",
+            self.window_size,
+            self.world_size,
+            self.flat.numel,
+            self.threshold,
+            "adaptive" if self.threshold > 0 else "exact",
+            self.ema_decay,
+            self.init,
+        )
+
+    def _check_optimization(self, trainer: pl.Trainer) -> None:
+        module = trainer.lightning_module
+        if not module.automatic_optimization:
+            raise MisconfigurationException(
+                "PicardStrategy needs automatic optimization: it computes gradients itself and replays your "
+                "optimizer. Remove `self.automatic_optimization = False` (and manual `opt.step()` calls)."
+            )
+        if len(trainer.optimizers) != 1:
+            raise MisconfigurationException(
+                f"PicardStrategy supports exactly one optimizer, but configure_optimizers returned "
+                f"{len(trainer.optimizers)}. Put all parameters in one optimizer with several param groups."
+            )
+        if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None:
+            raise MisconfigurationException(
+                "PicardStrategy does not support precision='16-mixed' (the loss scaler cannot be replayed). "
+                "Use precision='bf16-mixed', 'bf16-true' or '32-true'."
+            )
+        if isinstance(trainer.optimizers[0], torch.optim.LBFGS):
+            raise MisconfigurationException(
+                "PicardStrategy cannot replay LBFGS: its step re-evaluates the loss. Use a first-order optimizer."
+            )
+        for config in trainer.lr_scheduler_configs:
+            if config.reduce_on_plateau and config.interval == "step":
+                raise MisconfigurationException(
+                    "PicardStrategy does not support ReduceLROnPlateau with interval='step' (its metric is not "
+                    "known inside the replay). Use interval='epoch' or a step-indexed schedule."
+                )
+
+    def _synchronize_initial_state(self, module: pl.LightningModule) -> None:
+        """Start every rank from rank 0's weights, buffers and global RNG states."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+        states = self.broadcast(rng._get_states() if self.global_rank == 0 else None, src=0)
+        states.pop("cuda", None)
+        rng._set_states(states)
+
+    def owned_slots(self, n: int) -> list[int]:
+        """The slots among the first ``n`` that this rank evaluates, last first (slot 0 is evaluated last)."""
+        return [j for j in range(n) if j % self.world_size == self.global_rank][::-1]
+
+    def local_row(self, slot: int) -> int:
+        """Row of ``slot`` in this rank's local gradient buffer."""
+        return slot // self.world_size
+
+    def gathered_row(self, slot: int) -> int:
+        """Row of ``slot`` in the gathered ``[world_size · slots_per_rank, …]`` gradient buffer."""
+        return (slot % self.world_size) * self.slots_per_rank + slot // self.world_size
+
+    def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """All-gather every rank's ``[slots_per_rank, L]`` gradient rows in one collective."""
+        if self.world_size == 1:
+            return local
+        out = local.new_empty((self.world_size * local.shape[0], local.shape[1]))
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, local.contiguous())
+        return out
+
+    @override
+    def teardown(self) -> None:
+        self.window = None
+        self.flat = None
+        self.snapshot = None
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for name, start_method in (("picard", "popen"), ("picard_spawn", "spawn"), ("picard_fork", "fork")):
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"Picard (DreamPropeller) parallel-in-time training, start_method='{start_method}'",
+                override=True,
+                start_method=start_method,
+            )
+
+
+def _validate_arguments(
+    window_size: int | None, threshold: float, ema_decay: float, aggregate: str, init: str, seed: int
+) -> None:
+    if window_size is not None and (isinstance(window_size, bool) or not isinstance(window_size, int)):
+        raise TypeError(f"window_size must be an int or None, got {type(window_size).__name__}.")
+    if window_size is not None and window_size < 1:
+        raise ValueError(
+            f"window_size must be at least 1 (or None for one slot per rank), got {window_size}."
+        )
+    if not threshold >= 0:
+        raise ValueError(
+            f"threshold must be >= 0, got {threshold}. Use 0 for exact sequential results, or a small positive "
+            "value such as 5e-6 for speed."
+        )
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}. The paper uses 0.9.")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}.")
+    if init not in INITIALIZERS:
+        raise ValueError(f"init must be one of {INITIALIZERS}, got {init!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
