@@ -29,7 +29,7 @@ from recipes.data.cameras import Cameras, spherical_to_cartesian
 def scaled_linear_alphas_cumprod(
     num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
 ) -> Tensor:
-    """ᾱ_t of Stable Diffusion's "scaled_linear" schedule (β linear in √β), float32 ``[num_train_timesteps]``."""
+    """ᾱ_t of Stable Diffusion's "scaled_linear" schedule (√β linear in t), float32 ``[T]``."""
     betas = torch.linspace(
         math.sqrt(beta_start), math.sqrt(beta_end), num_train_timesteps, dtype=torch.float64
     )
@@ -99,9 +99,8 @@ class ClosedFormPrior(nn.Module):
         if references.dim() != 4:
             raise ValueError(f"references must be [N, C, H, W], got {tuple(references.shape)}")
         if reference_directions.shape != (references.shape[0], 3):
-            raise ValueError(
-                f"reference_directions must be [{references.shape[0]}, 3], got {tuple(reference_directions.shape)}"
-            )
+            expected, got = (references.shape[0], 3), tuple(reference_directions.shape)
+            raise ValueError(f"reference_directions must be {expected}, got {got}")
         self.sigma_deg = sigma_deg
         self.restrict_deg = restrict_deg
         self.num_train_timesteps = num_train_timesteps
