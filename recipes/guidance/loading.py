@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import torch
 
+from recipes.guidance.parameterization import PredictionType
+
 TorchDType = Literal["auto", "float32", "float16", "bfloat16"]
 
 
@@ -78,3 +80,15 @@ def load_pretrained(
     if special_tokens is not None and len(loaded) <= len(special_tokens):
         raise GuidanceModelNotFoundError(missing_model_message(name_or_path, subfolder, config_hint))
     return loaded
+
+
+def load_noise_schedule(name_or_path: str, config_hint: str) -> tuple[torch.Tensor, int, PredictionType]:
+    """ᾱ_t, the number of training timesteps and the prediction type from the ``scheduler`` subfolder."""
+    from diffusers import DDPMScheduler
+
+    scheduler = load_pretrained(DDPMScheduler, name_or_path, "scheduler", config_hint=config_hint)
+    return (
+        scheduler.alphas_cumprod.to(torch.float32),
+        int(scheduler.config.num_train_timesteps),
+        scheduler.config.prediction_type,
+    )

@@ -14,7 +14,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from recipes.guidance.loading import TorchDType, default_device, load_pretrained, resolve_dtype
+from recipes.guidance.loading import (
+    TorchDType,
+    default_device,
+    load_noise_schedule,
+    load_pretrained,
+    resolve_dtype,
+)
 from recipes.guidance.parameterization import PredictionType, add_noise, epsilon_from_prediction, velocity
 from recipes.guidance.randomness import rand, randint, randn_like
 
@@ -110,8 +116,6 @@ class LoRAParticleScore:
     ) -> LoRAParticleScore:
         """Load the base UNet and its schedule (hub id or local folder), then attach LoRA + camera embedding."""
         from diffusers import UNet2DConditionModel
-
-        from recipes.guidance.stable_diffusion import load_noise_schedule
 
         config = config or LoRAParticleConfig()
         device = torch.device(device) if device is not None else default_device()

@@ -80,6 +80,7 @@ class PretrainedTextEncoding:
     family: Literal["clip", "t5"]
     torch_dtype: TorchDType = "auto"
     config_hint: str | None = None
+    variant: str | None = None
 
     @property
     def cache_key(self) -> str:
@@ -97,8 +98,14 @@ class PretrainedTextEncoding:
         tokenizer = load_pretrained(
             tokenizer_cls, self.name_or_path, "tokenizer", config_hint=self.config_hint
         )
+        variant = {"variant": self.variant} if self.variant else {}
         encoder = load_pretrained(
-            encoder_cls, self.name_or_path, "text_encoder", config_hint=self.config_hint, torch_dtype=dtype
+            encoder_cls,
+            self.name_or_path,
+            "text_encoder",
+            config_hint=self.config_hint,
+            torch_dtype=dtype,
+            **variant,
         )
         encoder = encoder.to(device).eval()
         max_length = tokenizer.model_max_length if self.family == "clip" else 77

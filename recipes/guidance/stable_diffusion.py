@@ -2,8 +2,6 @@
 
 Only the parts that score distillation needs are loaded: ``unet``, ``vae`` and ``scheduler``. The text
 encoder is loaded separately, once, by :mod:`recipes.guidance.prompts` (see :meth:`text_encoding`).
-This object is deliberately not an ``nn.Module``: its frozen weights must not join the LightningModule's
-parameters, optimizer, checkpoints or the Picard state.
 """
 
 from __future__ import annotations
@@ -14,9 +12,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from recipes.guidance.loading import TorchDType, default_device, load_pretrained, resolve_dtype
-from recipes.guidance.parameterization import PredictionType, epsilon_from_prediction
+from recipes.guidance.loading import (
+    TorchDType,
+    default_device,
+    load_noise_schedule,
+    load_pretrained,
+    resolve_dtype,
+)
+from recipes.guidance.parameterization import PredictionType
 from recipes.guidance.prompts import PretrainedTextEncoding
+from recipes.guidance.unet_denoiser import TextConditionedUNetDenoiser
 
 DEFAULT_STABLE_DIFFUSION = "stabilityai/stable-diffusion-2-1-base"
 
@@ -36,24 +41,10 @@ class StableDiffusionConfig:
     image_resolution: int = 512
 
 
-def load_noise_schedule(name_or_path: str, config_hint: str) -> tuple[torch.Tensor, int, PredictionType]:
-    """ᾱ_t, the number of training timesteps and the prediction type from the ``scheduler`` subfolder."""
-    from diffusers import DDPMScheduler
+class StableDiffusionDenoiser(TextConditionedUNetDenoiser):
+    """Stable Diffusion's latent UNet as an ε-predictor, with the VAE to get renders into latent space.
 
-    scheduler = load_pretrained(DDPMScheduler, name_or_path, "scheduler", config_hint=config_hint)
-    return (
-        scheduler.alphas_cumprod.to(torch.float32),
-        int(scheduler.config.num_train_timesteps),
-        scheduler.config.prediction_type,
-    )
-
-
-class StableDiffusionDenoiser:
-    """A text-conditioned latent Stable Diffusion UNet seen as an ε-predictor.
-
-    ``condition`` for :meth:`predict_noise` is a text-embedding tensor [B or 1, L, D] (from
-    :class:`~recipes.guidance.prompts.PromptEmbeddings`); the unconditional branch is the embedding of
-    the negative (or empty) prompt, so ``None`` is not accepted.
+    ``condition`` is a text-embedding tensor [B or 1, L, D]; see :class:`TextConditionedUNetDenoiser`.
     """
 
     CONFIG_HINT = "guidance.model.pretrained_model_name_or_path"
@@ -66,12 +57,9 @@ class StableDiffusionDenoiser:
         prediction_type: PredictionType,
         config: StableDiffusionConfig,
     ) -> None:
-        self.unet = unet.eval().requires_grad_(False)
+        super().__init__(unet, alphas_cumprod, prediction_type)
         self.vae = vae.eval().requires_grad_(False)
         self.config = config
-        self.prediction_type = prediction_type
-        self.alphas_cumprod = alphas_cumprod.to(self.device)
-        self.num_train_timesteps = len(alphas_cumprod)
 
     @classmethod
     def from_pretrained(
@@ -91,19 +79,10 @@ class StableDiffusionDenoiser:
         vae = load_pretrained(AutoencoderKL, path, "vae", config_hint=cls.CONFIG_HINT, torch_dtype=dtype)
         return cls(unet.to(device), vae.to(device), alphas_cumprod, prediction_type, config)
 
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
     def to(self, device: torch.device | str) -> StableDiffusionDenoiser:
         """Move the model (in place) and return it."""
-        self.unet.to(device)
+        super().to(device)
         self.vae.to(device)
-        self.alphas_cumprod = self.alphas_cumprod.to(device)
         return self
 
     def text_encoding(self) -> PretrainedTextEncoding:
@@ -111,25 +90,6 @@ class StableDiffusionDenoiser:
         return PretrainedTextEncoding(
             self.config.pretrained_model_name_or_path, "clip", self.config.torch_dtype, self.CONFIG_HINT
         )
-
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, condition: Any) -> torch.Tensor:
-        """ε̂ (float32) for latents ``x_t`` [B, 4, h, w] and text embeddings ``condition``."""
-        if condition is None:
-            raise ValueError(
-                "Stable Diffusion's unconditional branch is the negative-prompt embedding; pass it"
-            )
-        text = condition.to(self.device, self.dtype).expand(x_t.shape[0], -1, -1)
-        output = self.unet(x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=text).sample
-        return epsilon_from_prediction(output, x_t, t, self.alphas_cumprod, self.prediction_type)
-
-    def predict_noise_pair(
-        self, x_t: torch.Tensor, t: torch.Tensor, condition: Any, uncondition: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ε_c, ε_u) from one batched UNet call."""
-        batch = x_t.shape[0]
-        text = torch.cat([condition.expand(batch, -1, -1), uncondition.expand(batch, -1, -1)])
-        eps = self.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), text)
-        return eps[:batch], eps[batch:]
 
     def encode_images(self, rgb: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Differentiable VAE encoding of renders ``rgb`` [B, 3, H, W] in [0, 1] to scaled latents (float32).

@@ -158,3 +158,109 @@ def tiny_sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd_v_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny v-prediction Stable Diffusion folder (the role of stable-diffusion-2-1 in VSD)."""
     return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny DeepFloyd IF stage I (pixel UNet with 6 output channels, T5 encoder + Unigram tokenizer)
+
+
+def tiny_t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    words = [
+        "a",
+        "photo",
+        "of",
+        "the",
+        "cat",
+        "dog",
+        "squirrel",
+        "view",
+        "front",
+        "side",
+        "back",
+        "overhead",
+        "blurry",
+    ]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("▁" + w, -2.0) for w in words] + [("▁", -3.0)]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz,.!?'-"]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=77)
+
+
+def tiny_t5_encoder(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    return T5EncoderModel(config)
+
+
+def tiny_if_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        in_channels=3,
+        out_channels=6,
+        cross_attention_dim=32,
+        encoder_hid_dim=32,
+        attention_head_dim=8,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+        cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift",
+        act_fn="gelu",
+    )
+
+
+def save_tiny_deepfloyd_if(folder: Path) -> Path:
+    """Write a random tiny IF stage-I checkpoint in the hub layout."""
+    from diffusers import DDPMScheduler, IFPipeline
+    from diffusers.pipelines.deepfloyd_if import IFWatermarker
+
+    torch.manual_seed(0)
+    tokenizer = tiny_t5_tokenizer()
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        thresholding=True,
+        dynamic_thresholding_ratio=0.95,
+        sample_max_value=1.0,
+        prediction_type="epsilon",
+        variance_type="learned_range",
+    )
+    pipeline = IFPipeline(
+        tokenizer=tokenizer,
+        text_encoder=tiny_t5_encoder(len(tokenizer)),
+        unet=tiny_if_unet(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=IFWatermarker(),
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_if_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny DeepFloyd IF stage-I folder."""
+    return save_tiny_deepfloyd_if(tmp_path_factory.mktemp("tiny-if"))
