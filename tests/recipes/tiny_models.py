@@ -264,3 +264,54 @@ def save_tiny_deepfloyd_if(folder: Path) -> Path:
 def tiny_if_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny DeepFloyd IF stage-I folder."""
     return save_tiny_deepfloyd_if(tmp_path_factory.mktemp("tiny-if"))
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny Zero-1-to-3 in the ashawkey/zero123-xl-diffusers folder layout
+
+
+def save_tiny_zero123(folder: Path) -> Path:
+    """Write a random tiny Zero123 checkpoint, one subfolder per part, plus model_index.json."""
+    import json
+
+    from diffusers import DDIMScheduler
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from recipes.guidance.zero123 import _camera_projection_class
+
+    torch.manual_seed(0)
+    embedding_dim = 32
+    tiny_sd_unet(in_channels=8, cross_attention_dim=embedding_dim).save_pretrained(folder / "unet")
+    tiny_vae().save_pretrained(folder / "vae")
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=embedding_dim,
+    )
+    CLIPVisionModelWithProjection(vision).save_pretrained(folder / "image_encoder")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder / "feature_extractor"
+    )
+    _camera_projection_class()(embedding_dim=embedding_dim).save_pretrained(folder / "clip_camera_projection")
+    DDIMScheduler(**SD_SCHEDULER, set_alpha_to_one=False).save_pretrained(folder / "scheduler")
+    model_index = {
+        "_class_name": "Zero123Pipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "clip_camera_projection": ["zero123", "CLIPCameraProjection"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_zero123_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Zero-1-to-3 folder in the diffusers layout DreamGaussian loads."""
+    return save_tiny_zero123(tmp_path_factory.mktemp("tiny-zero123"))
