@@ -126,3 +126,15 @@ def test_asd_shares_one_noise_between_both_terms() -> None:
     x_t = ab[t].sqrt().view(view) * x + (1 - ab[t]).sqrt().view(view) * noise
     x_s = ab[shifted].sqrt().view(view) * x + (1 - ab[shifted]).sqrt().view(view) * noise
     assert torch.allclose(out.grad, (1 - ab[t]).view(view) * (x_t - x_s), atol=1e-6)
+
+
+def test_package_import_pulls_in_no_diffusion_library() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, recipes.guidance, recipes.guidance.denoiser;"
+        "print(sorted(m for m in ('diffusers', 'transformers', 'peft') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
