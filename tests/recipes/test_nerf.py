@@ -240,3 +240,45 @@ def test_occupancy_grid_is_deterministic_skips_empty_space_and_keeps_the_render(
     other_step = _renderer(AnalyticSphere(), NoMaterial(), samples=64, occupancy=True)
     other_step.occupancy_grid.update(32, other_step.occupancy_fn)
     assert not torch.equal(other_step.occupancy_grid.occupancy, grid.occupancy)  # jitter depends on the step
+
+
+@pytest.mark.gpu
+def test_torch_path_on_cuda_matches_cpu_render():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    field = ImplicitVolume(ImplicitVolumeConfig(encoding=SMALL_GRID, normal_type="analytic"))
+    material = DiffusePointLightMaterial(DiffusePointLightConfig(ambient_only_steps=0))
+    renderer = _renderer(field, material, NeuralEnvironmentMapBackground(), samples=64, occupancy=True).eval()
+    cameras = orbit_cameras(2, distance=2.0, height=32, width=32)
+    renderer.update_step(0)
+    cpu = renderer(cameras)["comp_rgb"].detach()
+    renderer.cuda()
+    renderer.update_step(0)
+    gpu = renderer(cameras.to("cuda"))["comp_rgb"].detach().cpu()
+    assert torch.allclose(cpu, gpu, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_tcnn_hash_grid_fits_like_the_torch_reference():
+    """tcnn is not bit-compatible with the torch grid; both must fit the same field equally well."""
+    pytest.importorskip("tinycudann")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    points = torch.rand(65536, 3, device="cuda", generator=generator)
+    target = torch.sin(6 * points).prod(-1, keepdim=True)
+    errors = {}
+    for backend in ("torch", "tcnn"):
+        torch.manual_seed(0)
+        encoding = HashGridEncoding(HashGridConfig(log2_hashmap_size=16, backend=backend)).cuda()
+        decoder = nn.Sequential(nn.Linear(encoding.n_output_dims, 64), nn.ReLU(), nn.Linear(64, 1)).cuda()
+        optimizer = torch.optim.Adam([*encoding.parameters(), *decoder.parameters()], lr=1e-2, eps=1e-15)
+        for _ in range(300):
+            loss = (decoder(encoding(points)) - target).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        errors[backend] = loss.item()
+    assert errors["torch"] < 1e-3 and errors["tcnn"] < 1e-3
+    assert errors["tcnn"] < 3 * errors["torch"] + 1e-4
