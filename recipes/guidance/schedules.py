@@ -43,10 +43,15 @@ class TimestepSchedule:
 
     Both bounds are scalar schedules of the global step (e.g. ProlificDreamer anneals the maximum with
     ``[5000, 0.98, 0.5, 5001]``, ScaleDreamer both bounds linearly over the run).
+
+    ``deterministic_over_steps`` (DreamGaussian's ``anneal_timestep``): when set to the run length, t is
+    not drawn but decays linearly, t = round((1 − step / deterministic_over_steps)·T), clipped to the
+    range and shared by the whole batch.
     """
 
     min_step_percent: ScalarSchedule = 0.02
     max_step_percent: ScalarSchedule = 0.98
+    deterministic_over_steps: int | None = None
 
     def range_at(self, global_step: int, num_train_timesteps: int) -> tuple[int, int]:
         """Inclusive integer bounds (min_step, max_step) at ``global_step``."""
@@ -66,6 +71,10 @@ class TimestepSchedule:
     ) -> torch.Tensor:
         """One timestep per batch element (int64, shape ``[batch_size]``)."""
         min_step, max_step = self.range_at(global_step, num_train_timesteps)
+        if self.deterministic_over_steps is not None:
+            progress = min(global_step / self.deterministic_over_steps, 1.0)
+            t = min(max(round((1.0 - progress) * num_train_timesteps), min_step), max_step)
+            return torch.full((batch_size,), t, dtype=torch.long, device=device)
         return randint(min_step, max_step + 1, (batch_size,), device, generator)
 
 

@@ -30,6 +30,14 @@ def test_timestep_range_anneals_and_samples_inside_it() -> None:
     assert t.min() <= 25 and t.max() >= 495
 
 
+def test_deterministic_timestep_decay_dreamgaussian_style() -> None:
+    schedule = TimestepSchedule(0.02, 0.98, deterministic_over_steps=500)
+    device = torch.device("cpu")
+    assert schedule.sample(3, 0, 1000, device).tolist() == [980, 980, 980]
+    assert schedule.sample(2, 250, 1000, device).tolist() == [500, 500]
+    assert schedule.sample(1, 500, 1000, device).tolist() == [20]
+
+
 def test_weightings_match_their_formulas() -> None:
     alphas_cumprod = torch.tensor([0.9, 0.5, 0.1])
     t = torch.tensor([0, 1, 2])
