@@ -63,9 +63,9 @@ def install_picard_loop(trainer: pl.Trainer) -> None:
     current = trainer.fit_loop.epoch_loop
     if isinstance(current, PicardEpochLoop):
         return
-    trainer.fit_loop.epoch_loop = PicardEpochLoop(
-        trainer, min_steps=current.min_steps, max_steps=current.max_steps
-    )
+    loop = PicardEpochLoop(trainer, min_steps=current.min_steps, max_steps=current.max_steps)
+    loop.val_loop = current.val_loop  # it already holds the validation data attached by `fit`
+    trainer.fit_loop.epoch_loop = loop
 
 
 class PicardEpochLoop(_TrainingEpochLoop):

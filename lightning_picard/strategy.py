@@ -116,10 +116,17 @@ class PicardStrategy(DDPStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         from lightning_picard.loop import check_trainer_supported, install_picard_loop
 
-        if trainer.state.fn == TrainerFn.FITTING:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
             check_trainer_supported(trainer)
-        super().setup(trainer)
-        if trainer.state.fn != TrainerFn.FITTING:
+            _require_automatic_optimization(trainer.lightning_module)
+        try:
+            super().setup(trainer)
+        except RuntimeError as error:
+            if fitting and "multiple optimizers" in str(error):
+                raise MisconfigurationException(_ONE_OPTIMIZER) from error
+            raise
+        if not fitting:
             return
         module = trainer.lightning_module
         self._check_optimization(trainer)
@@ -144,16 +151,9 @@ class PicardStrategy(DDPStrategy):
         )
 
     def _check_optimization(self, trainer: pl.Trainer) -> None:
-        module = trainer.lightning_module
-        if not module.automatic_optimization:
-            raise MisconfigurationException(
-                "PicardStrategy needs automatic optimization: it computes gradients itself and replays your "
-                "optimizer. Remove `self.automatic_optimization = False` (and manual `opt.step()` calls)."
-            )
         if len(trainer.optimizers) != 1:
             raise MisconfigurationException(
-                f"PicardStrategy supports exactly one optimizer, but configure_optimizers returned "
-                f"{len(trainer.optimizers)}. Put all parameters in one optimizer with several param groups."
+                f"{_ONE_OPTIMIZER} configure_optimizers returned {len(trainer.optimizers)}."
             )
         if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None:
             raise MisconfigurationException(
@@ -203,11 +203,19 @@ class PicardStrategy(DDPStrategy):
         return out
 
     @override
+    def setup_distributed(self) -> None:
+        self._owns_process_group = not dist.is_initialized()
+        super().setup_distributed()
+
+    @override
     def teardown(self) -> None:
         self.window = None
         self.flat = None
         self.snapshot = None
         super().teardown()
+        if self.world_size == 1 and getattr(self, "_owns_process_group", False) and dist.is_initialized():
+            # A single in-process rank: leave no process group behind for later fits or forks.
+            dist.destroy_process_group()
 
     @classmethod
     @override
@@ -220,6 +228,20 @@ class PicardStrategy(DDPStrategy):
                 override=True,
                 start_method=start_method,
             )
+
+
+_ONE_OPTIMIZER = (
+    "PicardStrategy supports exactly one optimizer: put all parameters in one optimizer with several param groups "
+    "(per-group learning rates are replayed exactly)."
+)
+
+
+def _require_automatic_optimization(module: pl.LightningModule) -> None:
+    if not module.automatic_optimization:
+        raise MisconfigurationException(
+            "PicardStrategy needs automatic optimization: it computes gradients itself and replays your "
+            "optimizer. Remove `self.automatic_optimization = False` (and manual `opt.step()` calls)."
+        )
 
 
 def _validate_arguments(

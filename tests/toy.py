@@ -44,7 +44,9 @@ class ToyRegression(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[self.optimizer_name]
+        cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[
+            self.optimizer_name
+        ]
         optimizer = cls(self.parameters(), lr=self.lr)
         if not self.step_lr:
             return optimizer
@@ -74,3 +76,12 @@ def quiet_trainer_kwargs(**overrides) -> dict:
 
 def final_parameters(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+
+
+class RegressionData(pl.LightningDataModule):
+    def __init__(self, n: int = 64, batch_size: int = 4) -> None:
+        super().__init__()
+        self.n, self.batch_size = n, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return regression_data(self.n, self.batch_size)

@@ -1,0 +1,37 @@
+"""The private Lightning pieces lightning_picard.loop relies on still exist (lightning>=2.6,<2.7)."""
+
+import importlib
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_picard.loop import PRIVATE_API, PicardEpochLoop
+
+
+@pytest.mark.parametrize(("module", "name"), PRIVATE_API)
+def test_private_names_exist(module, name):
+    assert hasattr(importlib.import_module(module), name)
+
+
+def test_loop_and_trainer_internals_used_by_the_picard_loop():
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, max_steps=3)
+    loop = PicardEpochLoop(trainer, max_steps=3)
+    for attribute in (
+        "batch_progress",
+        "automatic_optimization",
+        "_batches_that_stepped",
+        "_build_kwargs",
+        "_broadcast_sigterm_tensor",
+        "_num_ready_batches_reached",
+        "update_lr_schedulers",
+        "val_loop",
+    ):
+        assert hasattr(loop, attribute), attribute
+    assert hasattr(loop.automatic_optimization.optim_progress.optimizer.step, "increment_by")
+    assert hasattr(loop.batch_progress, "increment_by")
+    connector = trainer._logger_connector
+    for attribute in ("on_batch_start", "on_batch_end", "log_metrics", "metrics"):
+        assert hasattr(type(connector), attribute), attribute
+    assert hasattr(trainer._accelerator_connector, "use_distributed_sampler")
+    assert hasattr(trainer.fit_loop, "epoch_loop")
+    assert isinstance(trainer.fit_loop.epoch_loop, type(loop).__mro__[1])
