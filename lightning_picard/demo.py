@@ -87,7 +87,9 @@ def run(
         results[f"{name}_distance"] = distance
     results["seed_spread"] = seed_spread
     print(f"\nSequential: {steps} steps in {seq_time:.1f} s")
-    print(f"Fidelity yardstick: ‖Δθ‖²/D between two sequential runs with different seeds = {seed_spread:.2e}\n")
+    print(
+        f"Fidelity yardstick: ‖Δθ‖²/D between two sequential runs with different seeds = {seed_spread:.2e}\n"
+    )
     print(f"Picard on {devices} CPU ranks, window {window_size}:")
     print(
         f"{'mode':<9} {'threshold':>9} {'rounds':>6} {'steps/round':>11} {'‖Δθ‖²/D vs seq':>15} {'bit-identical':>13}"
