@@ -14,6 +14,7 @@ import sys
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_picard.callbacks import StepSeed
+from lightning_picard.errors import PicardRankError
 from lightning_picard.picard import FlatParameters, OptimizerSnapshot, PicardWindow, RoundResult
 from lightning_picard.rng import current_step_seed, step_generator, step_rng, step_seed
 from lightning_picard.strategy import PicardStrategy
@@ -23,6 +24,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "FlatParameters",
     "OptimizerSnapshot",
+    "PicardRankError",
     "PicardStrategy",
     "PicardWindow",
     "RoundResult",

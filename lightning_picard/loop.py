@@ -13,6 +13,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.loops.fetchers import _DataFetcher, _DataLoaderIterDataFetcher
 from lightning.pytorch.loops.optimization.automatic import ClosureResult
@@ -20,9 +21,11 @@ from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
 from lightning_picard import rng
+from lightning_picard.errors import PicardRankError
 from lightning_picard.picard import RoundResult, aggregate_errors
 
 if TYPE_CHECKING:
@@ -38,6 +41,7 @@ PRIVATE_API: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.trainer.call", "_call_strategy_hook"),
     ("lightning.pytorch.trainer.call", "_call_callback_hooks"),
     ("lightning.pytorch.trainer.call", "_call_lightning_module_hook"),
+    ("lightning.fabric.utilities.types", "_Stateful"),
 )
 """(module, name) pairs of private Lightning API this module relies on."""
 
@@ -77,6 +81,8 @@ class PicardEpochLoop(_TrainingEpochLoop):
         self._exhausted = False
         self._evaluating_step: int | None = None
         self._local_rows: torch.Tensor | None = None
+        self._resume_skip = 0
+        self._fingerprint_checked = False
 
     @property
     def strategy(self) -> PicardStrategy:
@@ -95,6 +101,25 @@ class PicardEpochLoop(_TrainingEpochLoop):
         super().reset()
         self._batches.clear()
         self._exhausted = False
+
+    @override
+    def on_run_start(self, data_fetcher: _DataFetcher) -> None:
+        super().on_run_start(data_fetcher)
+        batches = self.trainer.num_training_batches
+        window_size = self.strategy.window_size
+        if batches != float("inf") and batches < window_size:
+            raise MisconfigurationException(
+                f"The train dataloader has {batches} batches per epoch but PicardStrategy(window_size={window_size}): "
+                "a window never spans two epochs, so rounds could never fill their slots. Use a dataloader with "
+                "at least window_size batches (for example a step-indexed dataset of length max_steps) or a "
+                "smaller window_size."
+            )
+        loaders = self.trainer.fit_loop._combined_loader.flattened
+        resumable = all(isinstance(loader, _Stateful) for loader in loaders)
+        if self.restarting and not resumable and self.batch_progress.current.ready > 0:
+            # Lightning restarts a plain dataloader at the epoch's first batch: skip the steps already done,
+            # so that step s gets batch s as in the uninterrupted run.
+            self._resume_skip = self.batch_progress.current.ready
 
     @override
     def advance(self, data_fetcher: _DataFetcher) -> None:
@@ -128,23 +153,34 @@ class PicardEpochLoop(_TrainingEpochLoop):
             self.batch_progress.increment_by(0, is_last_batch=True)
             raise StopIteration
 
+        if not self._fingerprint_checked:
+            self._check_same_batches(n, tau)
+        self._check_parameters_unchanged()
         with trainer.profiler.profile("picard_evaluate_slots"):
-            outputs = self._evaluate_slots(n, tau, first_batch_idx)
+            outputs, failure = self._evaluate_slots(n, tau, first_batch_idx)
         with trainer.profiler.profile("picard_gather"):
             gathered = self.strategy.gather_rows(self._local_rows)
+        numel = self.strategy.flat.numel
+        tail = gathered[:, numel:].tolist()  # the round's one host read: presence flags and slot status
+        self._raise_if_a_rank_failed(tail, failure)
+        rows = [self.strategy.gathered_row(j) for j in range(n)]
+        nonfinite = [j for j in range(n) if tail[rows[j]][_NONFINITE]]
+        if nonfinite and nonfinite[0] > 0:
+            n = nonfinite[0]  # a guess with a non-finite gradient is not on the true trajectory
         with trainer.profiler.profile("picard_replay"):
             result = self.strategy.window.run_round(
                 tau,
                 n,
-                gradient_row=lambda j: gathered[self.strategy.gathered_row(j)],
+                gradient_row=lambda j: gathered[rows[j], :-_STATUS_COLUMNS],
                 apply_update=lambda j: self._apply_update(tau + j, first_batch_idx + j),
                 snapshot=self.strategy.snapshot,
+                presence=[[bool(v) for v in tail[rows[j]][:-_STATUS_COLUMNS]] for j in range(n)],
             )
         skip = result.skip
         del self._batches[:skip]
         self.batch_progress.increment_by(skip, is_last_batch=self._exhausted and not self._batches)
         self.automatic_optimization.optim_progress.optimizer.step.increment_by(skip)
-        self._log_round(result)
+        self._log_round(result, len(nonfinite))
 
         if self._num_ready_batches_reached():
             self.update_lr_schedulers("epoch", update_plateau_schedulers=False)
@@ -178,6 +214,11 @@ class PicardEpochLoop(_TrainingEpochLoop):
     def _fill(self, data_fetcher: _DataFetcher, n: int) -> None:
         """Buffer batches until ``n`` steps are available or the epoch's data is exhausted."""
         trainer = self.trainer
+        if self._resume_skip:
+            skip, self._resume_skip = self._resume_skip, 0
+            data_fetcher.fetched -= skip
+            for _ in range(skip):
+                next(data_fetcher)
         while len(self._batches) < n and not self._exhausted:
             try:
                 batch, _, __ = next(data_fetcher)
@@ -190,18 +231,26 @@ class PicardEpochLoop(_TrainingEpochLoop):
             batch = call._call_strategy_hook(trainer, "batch_to_device", batch, dataloader_idx=0)
             self._batches.append(batch)
 
-    def _evaluate_slots(self, n: int, tau: int, first_batch_idx: int) -> Any:
-        """Gradients of this rank's slots into its local rows; returns the last evaluated slot's output."""
+    def _evaluate_slots(self, n: int, tau: int, first_batch_idx: int) -> tuple[Any, BaseException | None]:
+        """Gradients of this rank's slots into its local rows.
+
+        Returns the last evaluated slot's output and the exception that stopped the evaluation, if any: an
+        exception is recorded in the rows' status column so that every rank learns of it at the gather.
+        """
         trainer = self.trainer
         strategy = self.strategy
         window, flat = strategy.window, strategy.flat
         if self._local_rows is None:
-            self._local_rows = flat.new_rows(strategy.slots_per_rank)
+            self._local_rows = flat.flat.new_zeros(
+                (strategy.slots_per_rank, flat.row_length + _STATUS_COLUMNS)
+            )
+        self._local_rows[:, -_STATUS_COLUMNS:] = 0
         optimizer = trainer.optimizers[0]
         output: Any = None
         for j in strategy.owned_slots(n):
             window.load(j)
             step, batch_idx = tau + j, first_batch_idx + j
+            row = self._local_rows[strategy.local_row(j)]
             self._evaluating_step = step
             try:
                 with rng.step_rng(strategy.seed, step):
@@ -220,12 +269,75 @@ class PicardEpochLoop(_TrainingEpochLoop):
                         trainer, "optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer
                     )
                     call._call_strategy_hook(trainer, "backward", result.closure_loss, optimizer)
+            except Exception as error:
+                row[-_STATUS_COLUMNS + _FAILED_STEP] = step + 1
+                error.picard_step = step  # type: ignore[attr-defined]
+                window.load(0)
+                return output, error
             finally:
                 self._evaluating_step = None
-            flat.write_gradients(self._local_rows[strategy.local_row(j)])
+            gradient = row[: flat.row_length]
+            flat.write_gradients(gradient)
+            row[-_STATUS_COLUMNS + _NONFINITE] = (~torch.isfinite(gradient[: flat.numel])).any()
             output = result.asdict()
         window.load(0)
-        return output
+        return output, None
+
+    def _raise_if_a_rank_failed(self, tail: list[list[float]], failure: BaseException | None) -> None:
+        """If any rank's evaluation raised, every rank raises a :class:`PicardRankError` naming rank and step."""
+        strategy = self.strategy
+        failed = [
+            (int(row[-_STATUS_COLUMNS + _FAILED_STEP]) - 1, index // strategy.slots_per_rank)
+            for index, row in enumerate(tail)
+            if row[-_STATUS_COLUMNS + _FAILED_STEP]
+        ]
+        if not failed:
+            return
+        step, rank = min(failed)
+        description = f"{type(failure).__name__}: {failure}" if failure is not None else None
+        if strategy.world_size > 1:
+            description = strategy.broadcast(description, src=rank)
+        if failure is not None and strategy.global_rank == rank:
+            if strategy.world_size > 1:
+                failure.add_note(
+                    f"Picard: raised on rank {rank} while evaluating step {step}; all ranks stopped."
+                )
+            raise failure
+        raise PicardRankError(rank, step, description)
+
+    def _check_same_batches(self, n: int, tau: int) -> None:
+        """Compare a cheap fingerprint of the first window's batches across ranks."""
+        self._fingerprint_checked = True
+        if self.trainer.world_size == 1:
+            return
+        fingerprint = torch.tensor([_fingerprint(batch) for batch in self._batches[:n]], dtype=torch.float64)
+        gathered = self.strategy.all_gather(fingerprint.to(self.strategy.root_device)).cpu()
+        for rank in range(1, gathered.shape[0]):
+            if not torch.equal(gathered[rank], gathered[0]):
+                index = int((gathered[rank] != gathered[0]).any(dim=-1).nonzero()[0])
+                raise MisconfigurationException(
+                    f"The train dataloader gives rank {rank} a different batch than rank 0 at step {tau + index}. "
+                    "PicardStrategy needs the same batch sequence on every rank: do not shard the data by rank, "
+                    "give a shuffling DataLoader a seeded generator, and draw per-step randomness inside "
+                    "training_step rather than in the dataset or collate_fn."
+                )
+
+    def _check_parameters_unchanged(self) -> None:
+        flat = self.strategy.flat
+        module = self.trainer.lightning_module
+        current = [p for p in module.parameters() if p.requires_grad]
+        if len(current) != len(flat.params) or any(a is not b for a, b in zip(current, flat.params)):
+            raise MisconfigurationException(
+                "The module's trainable parameters changed during fit (a parameter was added, replaced or had "
+                "requires_grad switched). PicardStrategy keeps a fixed set of parameters: create every parameter "
+                "before fit, and freeze with requires_grad_(False) before fit if you need to."
+            )
+        storage = flat.flat.untyped_storage().data_ptr()
+        if any(p.untyped_storage().data_ptr() != storage for p in flat.params):
+            raise MisconfigurationException(
+                "A parameter's storage was replaced during fit (e.g. `param.data = new_tensor`). Update "
+                "parameters in place (`param.data.copy_(...)`, `with torch.no_grad(): param.copy_(...)`)."
+            )
 
     def _apply_update(self, step: int, batch_idx: int) -> None:
         """The user's optimizer step (with clipping and hooks) and step-interval schedulers for ``step``."""
@@ -247,7 +359,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
         finally:
             self._evaluating_step = None
 
-    def _log_round(self, result: RoundResult) -> None:
+    def _log_round(self, result: RoundResult, nonfinite: int) -> None:
         module = self.trainer.lightning_module
         window = self.strategy.window
         finite = [e for e in result.errors if math.isfinite(e)]
@@ -259,6 +371,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
             "picard/error_median": aggregate_errors(result.errors, "median"),
             "picard/error_max": max(finite) if finite else math.nan,
             "picard/window_start": float(result.window_start),
+            "picard/nonfinite": float(nonfinite),
         }
         previous = module._current_fx_name
         module._current_fx_name = "training_step"
@@ -298,6 +411,24 @@ class PicardEpochLoop(_TrainingEpochLoop):
         window = getattr(self.strategy, "window", None)
         if window is not None and "picard" in state_dict:
             rank_zero_info(f"Picard resume: {window.load_state_dict(state_dict['picard'])}.")
+
+
+_STATUS_COLUMNS = 2
+_FAILED_STEP = 0  # step + 1 of the evaluation that raised on this rank, 0 if none
+_NONFINITE = 1  # 1 if the slot's gradient has a NaN or inf
+
+
+def _fingerprint(batch: Any) -> list[float]:
+    """Sum and sum of squares (float64) over every tensor in a batch."""
+    total = [0.0, 0.0]
+
+    def visit(tensor: torch.Tensor) -> None:
+        values = tensor.detach().to(torch.float64)
+        total[0] += values.sum().item()
+        total[1] += values.square().sum().item()
+
+    apply_to_collection(batch, torch.Tensor, visit)
+    return total
 
 
 def _gradients_already_loaded() -> None:

@@ -100,8 +100,8 @@ class OptimizerSnapshot:
     """A deep copy of an optimizer's state, its hyperparameters and its LR schedulers' state.
 
     ``Optimizer.load_state_dict(state_dict())`` aliases state tensors since PyTorch 2.1, so a snapshot taken
-    that way changes when the optimizer steps. Here every tensor is cloned on capture, and handed back (not
-    shared) on restore.
+    that way changes when the optimizer steps. Here tensors are copied on capture and copied back on restore;
+    the snapshot stays valid after a restore, and its buffers are reused from one capture to the next.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedulers: Sequence[Any] = ()) -> None:
@@ -111,30 +111,74 @@ class OptimizerSnapshot:
         self._groups: list[dict[str, Any]] = []
         self._scheduler_states: list[dict[str, Any]] = []
 
+    @property
+    def captured(self) -> bool:
+        """Whether :meth:`capture` has been called."""
+        return self._state is not None
+
     def capture(self) -> None:
         """Copy the optimizer's current state."""
-        self._state = {p: {k: _clone(v) for k, v in s.items()} for p, s in self.optimizer.state.items() if s}
+        previous = self._state or {}
+        self._state = {p: _copy_state(s, previous.get(p)) for p, s in self.optimizer.state.items() if s}
         self._groups = [
             {k: _clone(v) for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
         ]
         self._scheduler_states = [copy.deepcopy(s.state_dict()) for s in self.schedulers]
 
     def restore(self) -> None:
-        """Put the captured state back into the optimizer and schedulers; the snapshot is used up."""
+        """Copy the captured state back into the optimizer and schedulers."""
         if self._state is None:
             raise RuntimeError("OptimizerSnapshot.restore() called before capture().")
-        self.optimizer.state.clear()
-        for p, s in self._state.items():
-            self.optimizer.state[p] = s
+        current = self.optimizer.state
+        for p in [p for p in current if p not in self._state]:
+            del current[p]
+        for p, saved in self._state.items():
+            current[p] = _copy_state(saved, current.get(p))
         for group, saved in zip(self.optimizer.param_groups, self._groups):
-            group.update(saved)
+            group.update({k: _clone(v) for k, v in saved.items()})
         for scheduler, saved in zip(self.schedulers, self._scheduler_states):
-            scheduler.load_state_dict(saved)
-        self._state = None
+            scheduler.load_state_dict(copy.deepcopy(saved))
+
+
+def _copy_state(source: dict[str, Any], reuse: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of one parameter's optimizer state, written into ``reuse``'s tensors when they match."""
+    if reuse is not None and reuse.keys() == source.keys():
+        tensors = [k for k, v in source.items() if isinstance(v, torch.Tensor)]
+        if all(
+            isinstance(reuse[k], torch.Tensor)
+            and reuse[k].shape == source[k].shape
+            and reuse[k].dtype == source[k].dtype
+            and reuse[k].device == source[k].device
+            for k in tensors
+        ):
+            for k, v in source.items():
+                if k in tensors:
+                    reuse[k].copy_(v)
+                else:
+                    reuse[k] = copy.deepcopy(v)
+            return reuse
+    return {k: _clone(v) for k, v in source.items()}
 
 
 def _clone(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+
+_SMALLEST_ERROR = torch.finfo(torch.float64).tiny
+
+
+def squared_norm(difference: torch.Tensor) -> torch.Tensor:
+    """‖difference‖² as a float64 scalar on the device, without a host sync and without a float64 copy.
+
+    The sum runs in float32 (in place of the 8·D-byte float64 copy a float64 reduction needs). Squares of
+    tiny differences can underflow to 0 there, so a non-zero difference whose norm underflows is reported
+    as the smallest positive float64: an error is 0 exactly when the guess equals its replayed value, which
+    keeps ``threshold=0`` exact.
+    """
+    accumulate = torch.float32 if difference.dtype in (torch.float16, torch.bfloat16) else None
+    norm = torch.linalg.vector_norm(difference, dtype=accumulate).to(torch.float64).square()
+    floor = difference.any().to(torch.float64) * _SMALLEST_ERROR
+    return torch.maximum(norm, floor)
 
 
 def first_unconverged(errors: Sequence[float], threshold: float) -> int:
@@ -174,6 +218,12 @@ class RoundResult:
     """The threshold after this round's update."""
 
 
+@dataclass
+class _RoundInFlight:
+    snapshot: OptimizerSnapshot
+    anchor_in_scratch: bool = False
+
+
 UpdateFn = Callable[[int], None]
 """Applies the user's optimizer step for window slot ``j`` (step ``τ + j``); gradients are already loaded."""
 
@@ -211,6 +261,8 @@ class PicardWindow:
         self.init: Initializer = init
         self.adaptive = threshold > 0
         self.rounds = 0
+        self._round: _RoundInFlight | None = None
+        self._end_snapshot: OptimizerSnapshot | None = None
         self._ring = flat.flat.detach().unsqueeze(0).repeat(window_size + 1, 1)
         self._start = 0
         self._scratch = torch.empty_like(flat.flat)
@@ -236,6 +288,7 @@ class PicardWindow:
         gradient_row: Callable[[int], torch.Tensor],
         apply_update: UpdateFn,
         snapshot: OptimizerSnapshot,
+        presence: Sequence[Sequence[bool]] | None = None,
     ) -> RoundResult:
         """Replay ``n`` steps from the anchor with the slots' gradients, decide the slide, slide.
 
@@ -249,11 +302,14 @@ class PicardWindow:
             gradient_row: slot index → its gradient row (see :class:`FlatParameters`).
             apply_update: runs the optimizer step of slot ``j`` after its gradients were loaded.
             snapshot: snapshot of the optimizer used to return to the anchor state.
+            presence: per slot, which parameters have a gradient (read from the rows if not given).
         """
         if not 1 <= n <= self.window_size:
             raise ValueError(f"n must be in [1, {self.window_size}], got {n}")
         flat = self.flat.flat
-        presence = [self.flat.presence(gradient_row(j)) for j in range(n)]
+        if presence is None:
+            presence = [self.flat.presence(gradient_row(j)) for j in range(n)]
+        self._round = _RoundInFlight(snapshot)
         snapshot.capture()
         errors_device = torch.zeros(n, dtype=torch.float64, device=flat.device)
         for j in range(n):
@@ -261,7 +317,7 @@ class PicardWindow:
             apply_update(j)
             target = self.guess(j + 1)
             torch.sub(flat, target, out=self._scratch)
-            errors_device[j] = torch.linalg.vector_norm(self._scratch, dtype=torch.float64).square()
+            errors_device[j] = squared_norm(self._scratch)
             target.copy_(flat)
         errors = (errors_device / self.flat.numel).tolist()
         threshold_used = self.threshold
@@ -271,9 +327,9 @@ class PicardWindow:
             if math.isfinite(m):
                 self.threshold = self.ema_decay * self.threshold + (1.0 - self.ema_decay) * m
 
+        self._scratch.copy_(self.guess(0))
+        self._round.anchor_in_scratch = True
         needs_second_replay = skip < n
-        if needs_second_replay:
-            self._scratch.copy_(self.guess(0))
         self._fill_new_slots(n, skip, gradient_row, presence, apply_update, snapshot, needs_second_replay)
         if needs_second_replay:
             flat.copy_(self._scratch)
@@ -283,7 +339,29 @@ class PicardWindow:
                 apply_update(j)
         self._start = (self._start + skip) % (self.window_size + 1)
         self.rounds += 1
+        self._round = None
         return RoundResult(window_start=window_start, skip=skip, errors=errors, threshold=self.threshold)
+
+    def abort_round(self) -> bool:
+        """After an exception inside :meth:`run_round`: put the anchor back into the parameters and optimizer.
+
+        The guesses are re-initialised from the anchor if the round had started overwriting them. Returns
+        whether a round was in flight. Outside a round the parameters already hold the anchor after
+        :meth:`load` ``(0)``, which this also does.
+        """
+        round_ = self._round
+        self._round = None
+        if round_ is None:
+            self.load(0)
+            return False
+        if round_.anchor_in_scratch:
+            self.flat.flat.copy_(self._scratch)
+            self.reset_to()
+        else:
+            self.load(0)
+        if round_.snapshot.captured:
+            round_.snapshot.restore()
+        return True
 
     def _fill_new_slots(
         self,
@@ -293,7 +371,7 @@ class PicardWindow:
         presence: list[list[bool]],
         apply_update: UpdateFn,
         snapshot: OptimizerSnapshot,
-        anchor_saved: bool,
+        replay_again: bool,
     ) -> None:
         """Guess the ``skip`` steps that enter the window at its end (ring rows ``P + 1 … P + skip``)."""
         P = self.window_size
@@ -304,14 +382,15 @@ class PicardWindow:
             return
         # Continue the replay past τ + P with the latest gradient. The optimizer is at step τ + P now.
         at_end = None
-        if not anchor_saved:
-            at_end = OptimizerSnapshot(snapshot.optimizer, snapshot.schedulers)
+        if not replay_again:
+            at_end = self._end_snapshot
+            if at_end is None or at_end.optimizer is not snapshot.optimizer:
+                at_end = self._end_snapshot = OptimizerSnapshot(snapshot.optimizer, snapshot.schedulers)
             at_end.capture()
-        self.flat.load_gradients(gradient_row(n - 1), presence[n - 1])
         for k in range(1, skip + 1):
+            self.flat.load_gradients(gradient_row(n - 1), presence[n - 1])
             apply_update(P - 1 + k)
             self.guess(P + k).copy_(self.flat.flat)
-            self.flat.load_gradients(gradient_row(n - 1), presence[n - 1])
         if at_end is not None:
             self.flat.flat.copy_(last)
             at_end.restore()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
@@ -24,6 +24,19 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 log = logging.getLogger(__name__)
+
+_LAUNCH_ENVIRONMENT = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "RANK",
+    "OMP_NUM_THREADS",
+)
+
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+"""How long a collective waits for a rank that stopped answering before every rank is stopped."""
 
 
 class PicardStrategy(DDPStrategy):
@@ -49,8 +62,11 @@ class PicardStrategy(DDPStrategy):
             replay with the latest gradient.
         seed: base of the per-step seeds: step ``s`` runs with ``seed + s``.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
-        process_group_backend, timeout, start_method: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        process_group_backend, start_method: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
             The backend defaults to NCCL on GPUs and gloo on CPU.
+        timeout: how long a collective waits for a rank that stopped answering (5 minutes by default; raise it
+            if ranks may spend longer apart, e.g. one rank building a prompt cache while others wait).
+            An exception on any rank stops every rank at the next gather regardless of this timeout.
     """
 
     strategy_name = "picard"
@@ -69,7 +85,7 @@ class PicardStrategy(DDPStrategy):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
+        timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         _validate_arguments(window_size, threshold, ema_decay, aggregate, init, seed)
@@ -160,6 +176,7 @@ class PicardStrategy(DDPStrategy):
                 "PicardStrategy does not support precision='16-mixed' (the loss scaler cannot be replayed). "
                 "Use precision='bf16-mixed', 'bf16-true' or '32-true'."
             )
+        _check_optimizer_covers_module(trainer.optimizers[0], trainer.lightning_module)
         if isinstance(trainer.optimizers[0], torch.optim.LBFGS):
             raise MisconfigurationException(
                 "PicardStrategy cannot replay LBFGS: its step re-evaluates the loss. Use a first-order optimizer."
@@ -180,6 +197,13 @@ class PicardStrategy(DDPStrategy):
         states = self.broadcast(rng._get_states() if self.global_rank == 0 else None, src=0)
         states.pop("cuda", None)
         rng._set_states(states)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """Leave the module and optimizer at the last converged state, so a checkpoint written now is valid."""
+        if self.window is not None:
+            self.window.abort_round()
+        super().on_exception(exception)
 
     def owned_slots(self, n: int) -> list[int]:
         """The slots among the first ``n`` that this rank evaluates, last first (slot 0 is evaluated last)."""
@@ -203,6 +227,11 @@ class PicardStrategy(DDPStrategy):
         return out
 
     @override
+    def _configure_launcher(self) -> None:
+        self._environment_before_launch = {key: os.environ.get(key) for key in _LAUNCH_ENVIRONMENT}
+        super()._configure_launcher()
+
+    @override
     def setup_distributed(self) -> None:
         self._owns_process_group = not dist.is_initialized()
         super().setup_distributed()
@@ -214,8 +243,14 @@ class PicardStrategy(DDPStrategy):
         self.snapshot = None
         super().teardown()
         if self.world_size == 1 and getattr(self, "_owns_process_group", False) and dist.is_initialized():
-            # A single in-process rank: leave no process group behind for later fits or forks.
+            # A single in-process rank: leave no process group or launcher variables behind; a later fork-based
+            # fit would otherwise think its processes were created externally and wait for them forever.
             dist.destroy_process_group()
+            for key, value in getattr(self, "_environment_before_launch", {}).items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     @classmethod
     @override
@@ -234,6 +269,26 @@ _ONE_OPTIMIZER = (
     "PicardStrategy supports exactly one optimizer: put all parameters in one optimizer with several param groups "
     "(per-group learning rates are replayed exactly)."
 )
+
+
+def _check_optimizer_covers_module(optimizer: torch.optim.Optimizer, module: pl.LightningModule) -> None:
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p): name for name, p in module.named_parameters() if p.requires_grad}
+    missing = [name for key, name in trainable.items() if key not in optimized]
+    foreign = [key for key in optimized if key not in trainable]
+    if missing:
+        raise MisconfigurationException(
+            f"Trainable parameters {missing[:5]}{' …' if len(missing) > 5 else ''} are not in the optimizer: the "
+            "module's parameters changed after configure_optimizers, or were left out of it. Picard replays the "
+            "optimizer over every trainable parameter: add them to the optimizer or set requires_grad_(False)."
+        )
+    frozen = {id(p) for p in module.parameters() if not p.requires_grad}
+    if any(key not in frozen for key in foreign):
+        raise MisconfigurationException(
+            "The optimizer holds parameters that are not the module's parameters: the module's parameters were "
+            "replaced after configure_optimizers. Create parameters in __init__ (or configure_model) and build the "
+            "optimizer from self.parameters() in configure_optimizers."
+        )
 
 
 def _require_automatic_optimization(module: pl.LightningModule) -> None:

@@ -12,7 +12,15 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 @pytest.fixture(autouse=True)
-def _fresh_master_port(monkeypatch):
-    """Lightning's multiprocessing launcher exports MASTER_PORT into the parent; each test picks its own."""
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
+def _fresh_launch_environment(monkeypatch):
+    """Lightning's launchers export MASTER_PORT, LOCAL_RANK, … into the parent; each test starts without them."""
+    for key in (
+        "MASTER_PORT",
+        "MASTER_ADDR",
+        "NODE_RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "RANK",
+        "OMP_NUM_THREADS",
+    ):
+        monkeypatch.delenv(key, raising=False)

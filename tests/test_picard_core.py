@@ -88,8 +88,12 @@ def test_optimizer_snapshot_is_a_copy_not_an_alias():
         assert torch.equal(optimizer.state[params[0]][k], v), k
     assert optimizer.param_groups[0]["lr"] == lr
     assert scheduler.last_epoch == 1
+    optimizer.step()  # stepping after a restore must not change the snapshot
+    snapshot.restore()
+    for k, v in saved.items():
+        assert torch.equal(optimizer.state[params[0]][k], v), k
     with pytest.raises(RuntimeError, match="before capture"):
-        snapshot.restore()
+        OptimizerSnapshot(optimizer).restore()
 
 
 def test_snapshot_of_a_fresh_optimizer_restores_empty_state():
@@ -155,3 +159,47 @@ def test_positive_threshold_takes_fewer_rounds_and_stays_close(init):
     result, rounds = _picard(40, 8, 1e-4, init)
     assert rounds < 20
     assert (result - reference).square().mean().item() < 1e-3
+
+
+def test_abort_round_puts_the_anchor_back():
+    params = _params()
+    optimizer = torch.optim.Adam(params, lr=0.05)
+    flat = FlatParameters(params)
+    window = PicardWindow(flat, 3, 0.0, ema_decay=0.9)
+    snapshot = OptimizerSnapshot(optimizer)
+    rows = flat.new_rows(3)
+    for j in range(3):
+        _loss_grad(params, j)
+        flat.write_gradients(rows[j])
+    window.run_round(0, 3, lambda j: rows[j], lambda j: optimizer.step(), snapshot)
+    anchor = flat.flat.clone()
+    anchor_state = {k: v.clone() for k, v in optimizer.state[params[0]].items()}
+
+    calls = []
+
+    def failing_update(j):
+        calls.append(j)
+        optimizer.step()
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        window.run_round(1, 3, lambda j: rows[j], failing_update, snapshot)
+    assert not torch.equal(flat.flat, anchor)
+    assert window.abort_round() is True
+    assert torch.equal(flat.flat, anchor)
+    for k, v in anchor_state.items():
+        assert torch.equal(optimizer.state[params[0]][k], v)
+    assert window.abort_round() is False
+
+
+def test_squared_norm_never_rounds_a_real_difference_to_zero():
+    from lightning_picard.picard import squared_norm
+
+    tiny = torch.zeros(1000)
+    tiny[3] = 1e-30  # its float32 square underflows
+    assert squared_norm(tiny).item() > 0
+    assert squared_norm(torch.zeros(10)).item() == 0
+    x = torch.randn(10_000)
+    assert squared_norm(x).item() == pytest.approx(x.double().square().sum().item(), rel=1e-5)
+    assert squared_norm(x.to(torch.bfloat16)).dtype == torch.float64
