@@ -178,19 +178,33 @@ class PicardEpochLoop(_TrainingEpochLoop):
             )
         skip = result.skip
         del self._batches[:skip]
-        self.batch_progress.increment_by(skip, is_last_batch=self._exhausted and not self._batches)
-        self.automatic_optimization.optim_progress.optimizer.step.increment_by(skip)
+        self._count_steps(skip)
         self._log_round(result, len(nonfinite))
 
         if self._num_ready_batches_reached():
             self.update_lr_schedulers("epoch", update_plateau_schedulers=False)
+        # As after a sequential step: the parent's on_advance_end (or a resume) adds the last one.
+        self._batches_that_stepped = tau + skip - 1
         last_batch_idx = first_batch_idx + skip - 1
         call._call_callback_hooks(trainer, "on_train_batch_end", outputs, batch, last_batch_idx)
         call._call_lightning_module_hook(trainer, "on_train_batch_end", outputs, batch, last_batch_idx)
         trainer._logger_connector.on_batch_end()
+        self.batch_progress.increment_completed()
         self._send_to_loggers(tau, skip)
-        # The parent's on_advance_end adds one: the logger step and global step both end at τ + skip.
-        self._batches_that_stepped = tau + skip - 1
+
+    def _count_steps(self, skip: int) -> None:
+        """Advance Lightning's progress counters by ``skip`` steps, leaving the last batch not yet completed.
+
+        This is the state a sequential step is in during ``on_train_batch_end``, where checkpoints are written,
+        so Picard and sequential checkpoints resume the same way.
+        """
+        self.batch_progress.increment_by(skip, is_last_batch=self._exhausted and not self._batches)
+        self.batch_progress.total.completed -= 1
+        self.batch_progress.current.completed -= 1
+        optimization = self.automatic_optimization.optim_progress.optimizer
+        optimization.step.increment_by(skip)
+        optimization.zero_grad.increment_by(skip)
+        self.scheduler_progress.increment_by(skip * len(self.trainer.lr_scheduler_configs))
 
     def _window_limit(self, tau: int, first_batch_idx: int) -> int:
         """Slots this round: the window size, cut so the window never jumps over a step where something
