@@ -89,6 +89,17 @@ class PicardStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         _validate_arguments(window_size, threshold, ema_decay, aggregate, init, seed)
+        if timeout is not None and not (isinstance(timeout, timedelta) and timeout.total_seconds() > 0):
+            raise ValueError(f"timeout must be a positive datetime.timedelta or None, got {timeout!r}.")
+        if start_method not in ("popen", "spawn", "fork", "forkserver"):
+            raise ValueError(
+                f"start_method must be 'popen', 'spawn', 'fork' or 'forkserver', got {start_method!r}."
+            )
+        if process_group_backend not in (None, "nccl", "gloo", "mpi", "ucc", "xccl"):
+            raise ValueError(
+                f"process_group_backend must be None (NCCL on GPUs, gloo on CPU) or a torch.distributed backend "
+                f"name such as 'nccl' or 'gloo', got {process_group_backend!r}."
+            )
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,

@@ -23,6 +23,9 @@ from tests.toy import ToyRegression, quiet_trainer_kwargs, regression_data
         ({"aggregate": "middle"}, ValueError, "aggregate must be one of"),
         ({"init": "zeros"}, ValueError, "init must be one of"),
         ({"seed": -1}, ValueError, "seed must be a non-negative int"),
+        ({"timeout": 30}, ValueError, "timeout must be a positive datetime.timedelta"),
+        ({"start_method": "thread"}, ValueError, "start_method must be"),
+        ({"process_group_backend": "tcp"}, ValueError, "process_group_backend must be"),
     ],
 )
 def test_bad_arguments_are_rejected_at_construction(kwargs, error, match):
