@@ -65,7 +65,9 @@ def check_trainer_supported(trainer: pl.Trainer) -> None:
 def install_picard_loop(trainer: pl.Trainer) -> None:
     """Replace the trainer's training-epoch loop with a :class:`PicardEpochLoop` (once)."""
     current = trainer.fit_loop.epoch_loop
-    if isinstance(current, PicardEpochLoop):
+    if isinstance(current, PicardEpochLoop):  # a second fit on the same Trainer: the module may differ
+        current._local_rows = None
+        current._fingerprint_checked = False
         return
     loop = PicardEpochLoop(trainer, min_steps=current.min_steps, max_steps=current.max_steps)
     loop.val_loop = current.val_loop  # it already holds the validation data attached by `fit`

@@ -160,3 +160,19 @@ def test_step_generator_is_seeded_per_step():
     trainer.fit(module, regression_data())
     assert all(len(set(v)) == 1 for v in module.draws.values()), "re-evaluations of a step draw the same"
     assert len({v[0] for v in module.draws.values()}) == 6
+
+
+def test_a_second_fit_on_the_same_trainer_trains_the_new_module():
+    trainer = pl.Trainer(
+        devices=1,
+        max_steps=4,
+        strategy=lp.PicardStrategy(window_size=2, threshold=0.0),
+        **quiet_trainer_kwargs(),
+    )
+    trainer.fit(ToyRegression(hidden=8), regression_data())
+    wider = ToyRegression(hidden=32)
+    before = [p.detach().clone() for p in wider.parameters()]
+    trainer.fit_loop.epoch_loop.max_steps = 8
+    trainer.fit(wider, regression_data())
+    assert trainer.global_step == 8
+    assert any(not torch.equal(a, b) for a, b in zip(before, wider.parameters()))
