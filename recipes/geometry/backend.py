@@ -15,7 +15,8 @@ _PACKAGES = {
     "tcnn": (
         "tinycudann",
         "pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch",
-    )
+    ),
+    "nerfacc": ("nerfacc", "pip install nerfacc"),
 }
 _logged: set[tuple[str, str]] = set()
 

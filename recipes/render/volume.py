@@ -9,17 +9,27 @@ Randomness: in training the samples of each ray are shifted by one uniform offse
 (stratified), the material picks a shading mode and the background may be randomised; all of it is
 drawn from ``generator`` when given, otherwise from the global torch RNG (which the Picard strategy
 seeds per step). In eval mode rendering is deterministic (offset δ/2, material default shading).
+
+Backends: ``backend="torch"`` (default) is the reference and runs anywhere. ``backend="nerfacc"`` (CUDA,
+nerfacc ≥ 0.5, imported lazily) marches with ``nerfacc.OccGridEstimator.sampling`` over this renderer's
+own occupancy grid (its cells are copied in; the estimator is never updated by nerfacc, so the grid
+stays a function of (field, step)) and composites with ``render_weight_from_alpha`` and
+``accumulate_along_rays`` on packed samples. The samples lie on the same lattice ``near + (k + offset)·δ``;
+for rays whose offset is below ½ nerfacc starts one step later, dropping the sample in the first half step
+of the box. Outputs have the same keys and shapes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from recipes.data.cameras import Cameras
+from recipes.geometry.backend import import_backend, log_backend_once
 from recipes.geometry.nerf import FieldOutput
 from recipes.render.occupancy import OccupancyGrid, OccupancyGridConfig
 
@@ -82,6 +92,9 @@ def integrate(
     return out
 
 
+VolumeBackend = Literal["torch", "nerfacc"]
+
+
 @dataclass
 class VolumeRendererConfig:
     """threestudio ``nerf-volume-renderer`` settings (512 samples per diagonal, occupancy grid on)."""
@@ -90,6 +103,7 @@ class VolumeRendererConfig:
     randomized: bool = True
     ray_chunk_size: int = 8192
     occupancy: OccupancyGridConfig = field(default_factory=OccupancyGridConfig)
+    backend: VolumeBackend = "torch"
 
 
 class VolumeRenderer(nn.Module):
@@ -117,6 +131,12 @@ class VolumeRenderer(nn.Module):
         self.radius: float = geometry.radius
         self.render_step_size = 2.0 * math.sqrt(3.0) * self.radius / config.num_samples_per_ray
         self.occupancy_grid = OccupancyGrid(self.radius, config.occupancy)
+        if config.backend not in ("torch", "nerfacc"):
+            raise ValueError(f"unknown volume renderer backend {config.backend!r}; use 'torch' or 'nerfacc'")
+        self._nerfacc = import_backend(config.backend)
+        log_backend_once("volume renderer", config.backend)
+        # nerfacc's estimator holds a copy of ``occupancy_grid.binary``; kept out of the state_dict.
+        self._estimator: dict[str, Any] = {}
 
     def update_step(self, step: int) -> None:
         """Step schedules of every part and the occupancy-grid refresh; a pure function of (state, step).
@@ -165,8 +185,16 @@ class VolumeRenderer(nn.Module):
             offsets = torch.full((origins.shape[0],), 0.5, device=origins.device)
 
         with_normal = self._wants_normal()
+        render = self._render_rays
+        if self._nerfacc is not None:
+            if origins.device.type != "cuda":
+                raise ValueError(
+                    "backend 'nerfacc' renders CUDA tensors only; move the renderer and cameras "
+                    "to a CUDA device or set backend: torch"
+                )
+            render = self._render_rays_nerfacc
         chunks = [
-            self._render_rays(o, d, lp, off, shading, ambient_ratio, with_normal, first)
+            render(o, d, lp, off, shading, ambient_ratio, with_normal, first)
             for first, (o, d, lp, off) in zip(
                 range(0, origins.shape[0], self.config.ray_chunk_size),
                 zip(*(x.split(self.config.ray_chunk_size) for x in (origins, directions, light, offsets))),
@@ -214,6 +242,73 @@ class VolumeRenderer(nn.Module):
         )
         out = integrate(weights, t, mask, rgb, sample.normal)
         out["weights"] = weights[mask]
+        out["t_dirs"] = sample_dirs
+        out["ray_index"] = ray_index + first_ray
+        if sample.normal is not None:
+            out["normal"] = sample.normal
+        if sample.sdf_gradient is not None:
+            out["sdf_gradient"] = sample.sdf_gradient
+        return out
+
+    def _occ_estimator(self, device: torch.device) -> Any:
+        """A ``nerfacc.OccGridEstimator`` over the scene box whose cells are this renderer's occupancy grid."""
+        estimator = self._estimator.get("grid")
+        if estimator is None or estimator.binaries.device != device:
+            r, res = self.radius, self.occupancy_grid.config.resolution
+            estimator = self._nerfacc.OccGridEstimator([-r, -r, -r, r, r, r], resolution=res, levels=1)
+            self._estimator["grid"] = estimator = estimator.to(device)
+        # same cell layout: index (x·res + y)·res + z, cells of [-r, r]^3
+        estimator.binaries.copy_(self.occupancy_grid.binary.view(estimator.binaries.shape))
+        return estimator
+
+    def _render_rays_nerfacc(
+        self,
+        origins: Tensor,
+        directions: Tensor,
+        light: Tensor,
+        offsets: Tensor,
+        shading: str,
+        ambient_ratio: float | None,
+        with_normal: bool,
+        first_ray: int,
+    ) -> dict[str, Tensor]:
+        """``_render_rays`` with nerfacc's grid traversal and packed compositing (CUDA)."""
+        nerfacc, step, n_rays = self._nerfacc, self.render_step_size, origins.shape[0]
+        near, far = ray_box_intersection(origins, directions, self.radius)
+        # nerfacc marches [t, t + δ) intervals from the box entry, i.e. midpoints near + (k + ½)·δ; starting
+        # the rays at near + ((offset − ½) mod 1)·δ puts the midpoints on the torch lattice near + (k + offset)·δ.
+        start = near + torch.remainder(offsets - 0.5, 1.0) * step
+        shifted = origins + start[:, None] * directions
+        with torch.no_grad():
+            ray_index, t_starts, t_ends = self._occ_estimator(origins.device).sampling(
+                shifted, directions, render_step_size=step, stratified=False, cone_angle=0.0, alpha_thre=0.0
+            )
+        ray_index = ray_index.long()
+        t = start[ray_index] + 0.5 * (t_starts + t_ends)
+        keep = t < far[ray_index]  # same end test as the torch path
+        ray_index, t = ray_index[keep], t[keep]
+        sample_dirs = directions[ray_index]
+        sample_points = origins[ray_index] + t[:, None] * sample_dirs
+        sample = self._query(sample_points, with_normal)
+        alpha = self._alpha(sample, sample_dirs, torch.full_like(t, step))
+        weights, _ = nerfacc.render_weight_from_alpha(alpha, ray_indices=ray_index, n_rays=n_rays)
+        rgb = self.material(
+            sample.features, sample_points, sample.normal, light[ray_index], shading, ambient_ratio
+        )
+
+        def accumulate(values: Tensor | None) -> Tensor:
+            return nerfacc.accumulate_along_rays(weights, values=values, ray_indices=ray_index, n_rays=n_rays)
+
+        depth = accumulate(t[:, None])
+        out = {
+            "comp_rgb_fg": accumulate(rgb),
+            "opacity": accumulate(None),
+            "depth": depth,
+            "z_variance": accumulate((t - depth[ray_index, 0]).square()[:, None]),
+        }
+        if sample.normal is not None:
+            out["comp_normal"] = accumulate(sample.normal)
+        out["weights"] = weights
         out["t_dirs"] = sample_dirs
         out["ray_index"] = ray_index + first_ray
         if sample.normal is not None:
