@@ -163,7 +163,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
         with trainer.profiler.profile("picard_gather"):
             gathered = self.strategy.gather_rows(self._local_rows)
         numel = self.strategy.flat.numel
-        tail = gathered[:, numel:].tolist()  # the round's one host read: presence flags and slot status
+        tail = gathered[:, numel:].tolist()  # host read after the gather: presence flags and slot status
         self._raise_if_a_rank_failed(tail, failure)
         rows = [self.strategy.gathered_row(j) for j in range(n)]
         nonfinite = [j for j in range(n) if tail[rows[j]][_NONFINITE]]
