@@ -11,19 +11,24 @@ Part 1 (two processes, gloo on 127.0.0.1, ``torch.set_num_threads(1)`` in each r
   putting a NaN into that guess before the round with an infinite (adaptive) threshold;
 - (c) one gradient evaluation of a "realistic step": forward + backward of an MLP of 4 square
   ``Linear(w, w)`` layers with ReLU between them (w chosen so the MLP has D parameters), MSE loss, batch
-  128 and batch 1024 rows of width w.
+  128 and batch 1024 rows of width w; and, independent of D, forward + backward of a tiny Stable Diffusion
+  UNet (diffusers ``UNet2DConditionModel`` built from config, random weights, frozen: gradient to the
+  latents only) at latent 4 × 32 × 32, batch 4, text embeddings [4, 77, 32], standing for one
+  score-distillation step (the UNet is frozen guidance; the trained 3D parameters are the replay's D).
 
 Medians over rounds after warm-up; each figure is the slower rank's median (both ranks run concurrently,
 as in training). A single-process profile splits ``run_round`` into its parts (presence read, snapshot
-capture, ``load_gradients`` copy, ``optimizer.step``, error difference and float64 norm, target copy,
-host read of the errors, snapshot restore), with measured alternatives next to them.
+capture, ``load_gradients`` copy, ``optimizer.step``, error difference and ``squared_norm`` (float32 norm
+with an exact-zero guard), target copy, host read of the errors, snapshot restore), with measured
+alternatives next to them (among them the float64 norm the library used before).
 
 Part 2 (one process, ``PicardWindow`` driven directly as in ``tests/test_picard_core.py``) runs a toy
 teacher–student MLP regression with minibatch SGD noise (the minibatch of step s is drawn by a generator
 seeded with ``seed·1_000_003 + s``) and reports T/rounds and the final parameter RMS distance to the
 sequential run, next to the RMS distance between two sequential runs with different minibatch seeds.
 
-Run: ``.venv/bin/python benchmarks/overhead.py`` (full, ≈ 1.5 min on 2 cores) or ``--quick``.
+Run: ``.venv/bin/python benchmarks/overhead.py`` (full, ≈ 2 min on 2 cores) or ``--quick``;
+``--no-unet`` leaves the UNet step out (it needs diffusers).
 """
 
 from __future__ import annotations
@@ -45,12 +50,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_picard.picard import FlatParameters, OptimizerSnapshot, PicardWindow
+from lightning_picard.picard import FlatParameters, OptimizerSnapshot, PicardWindow, squared_norm
 from lightning_picard.strategy import PicardStrategy
 
 WORLD = 2
 BATCHES = (128, 1024)
 EMA_DECAY = 0.9  # PicardStrategy's default γ
+UNET_LATENT = (4, 4, 32, 32)  # batch 4, 4 latent channels, 32 × 32
+UNET_TOKENS = (77, 32)  # text-encoder sequence length and cross-attention width
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -94,6 +101,25 @@ def make_mlp(numel: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers)
 
 
+def tiny_unet() -> torch.nn.Module:
+    """Tiny Stable Diffusion UNet (diffusers' test-fixture shape, 1 layer per block), random weights, frozen."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=UNET_LATENT[-1],
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=UNET_TOKENS[1],
+        norm_num_groups=32,
+    )
+    return unet.requires_grad_(False)
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     with socket.socket() as s:
@@ -114,6 +140,27 @@ def _time_gradient(model: torch.nn.Module, width: int, batch: int, reps: int) ->
         torch.nn.functional.mse_loss(model(x), y).backward()
 
     return median_ms(forward_backward, reps, before=dist.barrier)
+
+
+def _time_unet(reps: int) -> tuple[int, float]:
+    """UNet parameter count and median ms of one score-distillation-like forward + backward.
+
+    The UNet is frozen; the gradient flows to the noisy latents (in SDS it continues into the renderer),
+    with an MSE against a fixed noise target.
+    """
+    torch.manual_seed(0)
+    unet = tiny_unet()
+    latents = torch.randn(UNET_LATENT, requires_grad=True)
+    noise = torch.randn(UNET_LATENT)
+    timesteps = torch.randint(20, 980, (UNET_LATENT[0],))
+    text = torch.randn(UNET_LATENT[0], *UNET_TOKENS)
+
+    def forward_backward() -> None:
+        latents.grad = None
+        eps = unet(latents, timesteps, encoder_hidden_states=text).sample
+        torch.nn.functional.mse_loss(eps, noise).backward()
+
+    return sum(p.numel() for p in unet.parameters()), median_ms(forward_backward, reps, before=dist.barrier)
 
 
 def _time_round(
@@ -146,12 +193,13 @@ def _time_round(
 
 
 def _overhead_worker(
-    rank: int, port: int, sizes: list[int], windows: list[int], reps: int, queue: Any
+    rank: int, port: int, sizes: list[int], windows: list[int], reps: int, unet: bool, queue: Any
 ) -> None:
     """One rank: time the gather, the round and the gradient evaluation for every size and window."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     gatherer = SimpleNamespace(world_size=WORLD)
+    unet_params, unet_ms = _time_unet(max(3, reps // 2)) if unet else (0, math.nan)
     results: list[dict[str, Any]] = []
     for numel in sizes:
         torch.manual_seed(rank)
@@ -189,6 +237,8 @@ def _overhead_worker(
                     "worst": _time_round(flat, optimizer, P, row, "worst", reps),
                     "fused": _time_round(flat, fused, P, row, "accept", reps),
                     **{f"grad{b}": grad_ms[b] for b in BATCHES},
+                    "unet": unet_ms,
+                    "unet_params": unet_params,
                 }
             )
             del local, gathered, row
@@ -210,30 +260,40 @@ def _gathered_row(gathered: torch.Tensor, slots: int, j: int) -> torch.Tensor:
     return gathered[(j % WORLD) * slots + j // WORLD]
 
 
-def run_overhead(sizes: list[int], windows: list[int], reps: int) -> list[dict[str, Any]]:
+def run_overhead(sizes: list[int], windows: list[int], reps: int, unet: bool) -> list[dict[str, Any]]:
     """Spawn the two gloo ranks and collect the slower rank's medians."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.spawn(_overhead_worker, args=(free_port(), sizes, windows, reps, queue), nprocs=WORLD, join=True)
+    mp.spawn(_overhead_worker, args=(free_port(), sizes, windows, reps, unet, queue), nprocs=WORLD, join=True)
     return queue.get()
 
 
 def overhead_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of part 1."""
+    """Markdown table of part 1, then the UNet step's cost and (a+b)/c against it."""
     b0, b1 = BATCHES
     lines = [
         "| D (params) | MLP width | P | rows/rank | (a) gather ms | (b) round ms, skip=P | (b) round ms, skip=P−1 "
         f"| (c) grad ms, B={b0} | (c) grad ms, B={b1} | (a+b)/c B={b0} | (a+b)/c B={b1} "
-        "| (b) skip=P, Adam fused=True |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| (a+b)/c UNet | (b) skip=P, Adam fused=True |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        a, acc, worst, c0, c1 = r["gather"], r["accept"], r["worst"], r[f"grad{b0}"], r[f"grad{b1}"]
-        lines.append(
-            f"| {r['D']:,} | {r['w']} | {r['P']} | {r['slots']} | {a:.2f} | {acc:.2f} | {worst:.2f} | {c0:.2f} "
-            f"| {c1:.2f} | {(a + acc) / c0:.2f} – {(a + worst) / c0:.2f} | {(a + acc) / c1:.2f} – {(a + worst) / c1:.2f} "
-            f"| {r['fused']:.2f} |"
+        a, acc, worst = r["gather"], r["accept"], r["worst"]
+        cells = [f"{r['D']:,}", str(r["w"]), str(r["P"]), str(r["slots"])]
+        cells += [f"{v:.2f}" for v in (a, acc, worst, r[f"grad{b0}"], r[f"grad{b1}"])]
+        cells += [f"{(a + acc) / c:.2f} – {(a + worst) / c:.2f}" for c in (r[f"grad{b0}"], r[f"grad{b1}"])]
+        cells.append(
+            f"{(a + acc) / r['unet']:.2f} – {(a + worst) / r['unet']:.2f}" if r["unet_params"] else "–"
         )
+        cells.append(f"{r['fused']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if rows and rows[0]["unet_params"]:
+        lines += [
+            "",
+            f"(c) UNet step: tiny SD UNet, {rows[0]['unet_params']:,} parameters (frozen), latent "
+            f"{'×'.join(map(str, UNET_LATENT))}, forward + backward to the latents: "
+            f"{rows[0]['unet']:.2f} ms (slower rank's median).",
+        ]
     return "\n".join(lines)
 
 
@@ -275,6 +335,15 @@ def _profile_one(numel: int, reps: int) -> tuple[int, dict[str, float]]:
         snapshot.restore()
 
     def error_assign() -> None:
+        errors[0] = squared_norm(scratch)
+
+    def error_aminmax_guard() -> None:
+        low, high = torch.aminmax(scratch)
+        norm = torch.linalg.vector_norm(scratch).to(torch.float64).square()
+        floor = ((low != 0) | (high != 0)).to(torch.float64) * torch.finfo(torch.float64).tiny
+        errors[0] = torch.maximum(norm, floor)
+
+    def error_float64() -> None:
         errors[0] = torch.linalg.vector_norm(scratch, dtype=torch.float64).square()
 
     def copy_state() -> None:
@@ -299,14 +368,17 @@ def _profile_one(numel: int, reps: int) -> tuple[int, dict[str, float]]:
         ("per step: load_gradients copy", lambda: flat.load_gradients(row, presence)),
         ("per step: optimizer.step (Adam default)", optimizer.step),
         ("per step: sub into scratch", lambda: torch.sub(flat.flat, target, out=scratch)),
-        ("per step: error norm (float64 vector_norm)", error_assign),
+        ("per step: error norm (squared_norm: fp32 norm + zero guard)", error_assign),
         ("per step: target copy", lambda: target.copy_(flat.flat)),
         ("alt: Adam foreach=True step", foreach.step),
         ("alt: Adam fused=True step", fused.step),
-        ("alt: float32 vector_norm (no fp64 cast)", lambda: torch.linalg.vector_norm(scratch).square()),
+        ("before: float64 vector_norm (fp64 copy)", error_float64),
+        ("alt: float32 vector_norm alone (no guard)", lambda: torch.linalg.vector_norm(scratch).square()),
+        ("alt: the guard's difference.any() alone", scratch.any),
+        ("alt: fp32 norm + guard via aminmax", error_aminmax_guard),
         ("alt: fp64 norm via preallocated fp64 buffer", norm64_preallocated),
         ("alt: fp64 norm in 64k-element chunks", norm64_chunked),
-        ("alt: capture by copy_ into preallocated state", copy_state),
+        ("alt: bare copy_ of the Adam state tensors", copy_state),
     ]
     return D, {name: median_ms(fn, reps, warmup=2) for name, fn in parts}
 
@@ -474,6 +546,7 @@ def main() -> None:
         "--quick", action="store_true", help="D = 1e5 and 1e6 only, 3 rounds, T = 120 (≈ 20 s)"
     )
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--no-unet", action="store_true", help="leave out the tiny SD UNet step (c)")
     parser.add_argument("--skip-convergence", action="store_true")
     args = parser.parse_args()
     sizes = [10**5, 10**6] if args.quick else [10**5, 10**6, 10**7]
@@ -482,11 +555,14 @@ def main() -> None:
     steps = 120 if args.quick else 400
     thresholds = [1e-7, 1e-6, 1e-5, 1e-4, 1e-3]
 
-    print(f"Machine: {machine()}; torch.set_num_threads(1) in every rank/process.\n")
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(
+        f"Machine: {machine()}; load average at the start {load}; torch.set_num_threads(1) in every rank.\n"
+    )
     started = time.perf_counter()
     if not args.skip_overhead:
         print("## Picard round overhead (CPU, 2 ranks)\n")
-        print(overhead_table(run_overhead(sizes, windows, reps)))
+        print(overhead_table(run_overhead(sizes, windows, reps, not args.no_unet)))
         print("\n### run_round parts (one process)\n")
         print(profile_parts(sizes, reps=max(5, reps)))
         print()
@@ -494,7 +570,8 @@ def main() -> None:
         print("## Convergence on a toy regression\n")
         print(convergence_table(steps, [4, 8], thresholds))
         print()
-    print(f"Total wall time {time.perf_counter() - started:.0f} s.")
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"Total wall time {time.perf_counter() - started:.0f} s; load average at the end {load}.")
 
 
 if __name__ == "__main__":
