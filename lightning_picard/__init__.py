@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_picard.callbacks import StepSeed
 from lightning_picard.errors import PicardRankError
+from lightning_picard.hooks import local_parameters, picard_parameters
 from lightning_picard.picard import FlatParameters, OptimizerSnapshot, PicardWindow, RoundResult
 from lightning_picard.rng import current_step_seed, step_generator, step_rng, step_seed
 from lightning_picard.strategy import PicardStrategy
@@ -30,6 +31,8 @@ __all__ = [
     "RoundResult",
     "StepSeed",
     "current_step_seed",
+    "local_parameters",
+    "picard_parameters",
     "step_generator",
     "step_rng",
     "step_seed",

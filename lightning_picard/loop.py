@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from lightning_picard import rng
 from lightning_picard.errors import PicardRankError
+from lightning_picard.hooks import picard_parameters
 from lightning_picard.picard import RoundResult, aggregate_errors
 
 if TYPE_CHECKING:
@@ -341,7 +342,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
     def _check_parameters_unchanged(self) -> None:
         flat = self.strategy.flat
         module = self.trainer.lightning_module
-        current = [p for p in module.parameters() if p.requires_grad]
+        current = picard_parameters(module)
         if len(current) != len(flat.params) or any(a is not b for a, b in zip(current, flat.params)):
             raise MisconfigurationException(
                 "The module's trainable parameters changed during fit (a parameter was added, replaced or had "

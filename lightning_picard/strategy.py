@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_picard import rng
+from lightning_picard.hooks import local_parameters, picard_parameters
 from lightning_picard.picard import AGGREGATES, INITIALIZERS, FlatParameters, OptimizerSnapshot, PicardWindow
 
 if TYPE_CHECKING:
@@ -158,8 +159,7 @@ class PicardStrategy(DDPStrategy):
         module = trainer.lightning_module
         self._check_optimization(trainer)
         self._synchronize_initial_state(module)
-        params = [p for p in module.parameters() if p.requires_grad]
-        self.flat = FlatParameters(params)
+        self.flat = FlatParameters(picard_parameters(module))
         self.window = PicardWindow(
             self.flat, self.window_size, self.threshold, self.ema_decay, self.aggregate, self.init
         )
@@ -284,7 +284,16 @@ _ONE_OPTIMIZER = (
 
 def _check_optimizer_covers_module(optimizer: torch.optim.Optimizer, module: pl.LightningModule) -> None:
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    trainable = {id(p): name for name, p in module.named_parameters() if p.requires_grad}
+    local = {id(p) for p in local_parameters(module)}
+    if optimized & local:
+        raise MisconfigurationException(
+            "Parameters returned by picard_local_parameters() are also in the optimizer of configure_optimizers. "
+            "Rank-local parameters must have their own optimizer, stepped by the module (e.g. in "
+            "on_after_backward); remove them from the main optimizer."
+        )
+    trainable = {
+        id(p): name for name, p in module.named_parameters() if p.requires_grad and id(p) not in local
+    }
     missing = [name for key, name in trainable.items() if key not in optimized]
     foreign = [key for key in optimized if key not in trainable]
     if missing:
