@@ -1,8 +1,8 @@
 """Peak memory of one rank's Picard state: P = 8 slots on 2 ranks (4 slots per rank), D = 1e7 parameters.
 
 Builds exactly what a rank holds during a round — the module's parameters re-seated in ``FlatParameters``, the
-``PicardWindow`` ring buffer, this rank's gradient rows and the gathered rows (the all-gather is emulated in one
-process by stacking copies, the same size as the real output), Adam's state and the ``OptimizerSnapshot`` — runs
+``PicardWindow`` ring buffer, the gathered gradient rows (this rank's rows are a view into them, as
+in the strategy's in-place all-gather), Adam's state and the ``OptimizerSnapshot`` — runs
 a round that stops at slot 1, one with a second replay and one that accepts every guess, and reports the peak
 resident-memory growth in units of |θ| = 4·D bytes.
 
@@ -42,13 +42,10 @@ def measure(params: int, window: int, world: int, init: str) -> dict[str, float]
     picard = PicardWindow(flat, window, threshold=1e-9, ema_decay=0.9, init=init)  # type: ignore[arg-type]
     snapshot = OptimizerSnapshot(optimizer)
     slots_per_rank = math.ceil(window / world)
-    local = flat.new_rows(slots_per_rank)
-    for row in local:
-        row[: flat.numel].normal_()
-        row[flat.numel :] = 1.0
-    gathered = torch.cat(
-        [local] * world
-    )  # the all-gather's output: world · slots_per_rank rows; local stays alive
+    # The strategy's in-place gather: this rank's rows are its chunk of the gathered buffer.
+    gathered = flat.new_rows(world * slots_per_rank)
+    gathered[:, : flat.numel].normal_()
+    gathered[:, flat.numel :] = 1.0
 
     def gradient_row(j: int) -> torch.Tensor:
         return gathered[(j % world) * slots_per_rank + j // world]

@@ -68,6 +68,7 @@ def install_picard_loop(trainer: pl.Trainer) -> None:
     current = trainer.fit_loop.epoch_loop
     if isinstance(current, PicardEpochLoop):  # a second fit on the same Trainer: the module may differ
         current._local_rows = None
+        current._gathered = None
         current._fingerprint_checked = False
         return
     loop = PicardEpochLoop(trainer, min_steps=current.min_steps, max_steps=current.max_steps)
@@ -84,6 +85,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
         self._exhausted = False
         self._evaluating_step: int | None = None
         self._local_rows: torch.Tensor | None = None
+        self._gathered: torch.Tensor | None = None
         self._resume_skip = 0
         self._fingerprint_checked = False
 
@@ -162,7 +164,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
         with trainer.profiler.profile("picard_evaluate_slots"):
             outputs, failure = self._evaluate_slots(n, tau, first_batch_idx)
         with trainer.profiler.profile("picard_gather"):
-            gathered = self.strategy.gather_rows(self._local_rows)
+            gathered = self.strategy.gather_rows(self._local_rows, out=self._gathered)
         numel = self.strategy.flat.numel
         tail = gathered[:, numel:].tolist()  # host read after the gather: presence flags and slot status
         self._raise_if_a_rank_failed(tail, failure)
@@ -258,9 +260,8 @@ class PicardEpochLoop(_TrainingEpochLoop):
         strategy = self.strategy
         window, flat = strategy.window, strategy.flat
         if self._local_rows is None:
-            self._local_rows = flat.flat.new_zeros(
-                (strategy.slots_per_rank, flat.row_length + _STATUS_COLUMNS)
-            )
+            row_length = flat.row_length + _STATUS_COLUMNS
+            self._gathered, self._local_rows = strategy.new_gather_buffer(row_length, flat.flat)
         self._local_rows[:, -_STATUS_COLUMNS:] = 0
         optimizer = trainer.optimizers[0]
         output: Any = None

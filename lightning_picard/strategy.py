@@ -228,19 +228,27 @@ class PicardStrategy(DDPStrategy):
         """Row of ``slot`` in the gathered ``[world_size · slots_per_rank, …]`` gradient buffer."""
         return (slot % self.world_size) * self.slots_per_rank + slot // self.world_size
 
-    def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
-        """All-gather every rank's ``[slots_per_rank, L]`` gradient rows in one collective."""
+    def new_gather_buffer(self, row_length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A zeroed ``[world_size · slots_per_rank, row_length]`` buffer and this rank's rows, a view into it.
+
+        Gathering in place (each rank's rows are its chunk of the output) saves ``slots_per_rank`` rows.
+        """
+        rows = self.slots_per_rank
+        gathered = like.new_zeros((self.world_size * rows, row_length))
+        return gathered, gathered[self.global_rank * rows : (self.global_rank + 1) * rows]
+
+    def gather_rows(self, local: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """All-gather every rank's ``[slots_per_rank, L]`` gradient rows in one collective.
+
+        ``local`` may be this rank's chunk of ``out`` (see :meth:`new_gather_buffer`): the gather is then in place.
+        """
         if self.world_size == 1:
             return local
-        out = local.new_empty((self.world_size * local.shape[0], local.shape[1]))
+        if out is None:
+            out = local.new_empty((self.world_size * local.shape[0], local.shape[1]))
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(out, local.contiguous())
+        gather(out, local)
         return out
-
-    @override
-    def _configure_launcher(self) -> None:
-        self._environment_before_launch = {key: os.environ.get(key) for key in _LAUNCH_ENVIRONMENT}
-        super()._configure_launcher()
 
     @override
     def setup_distributed(self) -> None:
