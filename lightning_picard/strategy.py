@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from lightning_picard import rng
 from lightning_picard.hooks import local_parameters, picard_parameters
+from lightning_picard.loop import check_trainer_supported, install_picard_loop
 from lightning_picard.picard import AGGREGATES, INITIALIZERS, FlatParameters, OptimizerSnapshot, PicardWindow
 
 if TYPE_CHECKING:
@@ -142,8 +143,6 @@ class PicardStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        from lightning_picard.loop import check_trainer_supported, install_picard_loop
-
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
             check_trainer_supported(trainer)
