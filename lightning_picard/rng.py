@@ -32,7 +32,8 @@ def step_seed(seed: int, step: int) -> int:
     return (seed + step) % _MAX_SEED
 
 
-def _get_states() -> dict[str, Any]:
+def get_rng_states() -> dict[str, Any]:
+    """The current states of torch (CPU, and CUDA if initialised), numpy and :mod:`random`."""
     states: dict[str, Any] = {"torch": torch.get_rng_state(), "random": random.getstate()}
     if np is not None:
         states["numpy"] = np.random.get_state()
@@ -41,7 +42,8 @@ def _get_states() -> dict[str, Any]:
     return states
 
 
-def _set_states(states: dict[str, Any]) -> None:
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore states returned by :func:`get_rng_states`."""
     torch.set_rng_state(states["torch"])
     random.setstate(states["random"])
     if "numpy" in states:
@@ -66,14 +68,14 @@ def step_rng(seed: int, step: int) -> Iterator[int]:
     The previous RNG states are restored even if the body raises.
     """
     value = step_seed(seed, step)
-    saved = _get_states()
+    saved = get_rng_states()
     token = _current_step_seed.set(value)
     try:
         seed_all(value)
         yield value
     finally:
         _current_step_seed.reset(token)
-        _set_states(saved)
+        set_rng_states(saved)
 
 
 def current_step_seed() -> int | None:

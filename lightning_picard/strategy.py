@@ -204,9 +204,9 @@ class PicardStrategy(DDPStrategy):
             return
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
-        states = self.broadcast(rng._get_states() if self.global_rank == 0 else None, src=0)
+        states = self.broadcast(rng.get_rng_states() if self.global_rank == 0 else None, src=0)
         states.pop("cuda", None)
-        rng._set_states(states)
+        rng.set_rng_states(states)
 
     @override
     def on_exception(self, exception: BaseException) -> None:
