@@ -1,4 +1,4 @@
-"""Callbacks: :class:`StepSeed`, the sequential reference with Picard's per-step randomness."""
+"""Callbacks: :class:`StepSeed`, the sequential reference with Picard's per-step randomness and step hook."""
 
 from __future__ import annotations
 
@@ -9,16 +9,19 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_picard.hooks import run_after_optimizer_step
 from lightning_picard.rng import step_rng
 
 
 class StepSeed(Callback):
-    """Seed every training step of a sequential run exactly as :class:`PicardStrategy` seeds it.
+    """Run every training step of a sequential run exactly as :class:`PicardStrategy` runs it.
 
     Step ``s`` runs with torch (CPU and CUDA), numpy and :mod:`random` seeded to ``seed + s``, from
     ``on_train_batch_start`` to ``on_train_batch_end``; the previous RNG states are restored afterwards.
-    A run with this callback is the reference that a Picard run with ``threshold=0`` reproduces bit for bit.
-    Under :class:`PicardStrategy` it does nothing (the strategy seeds each evaluation itself).
+    After the optimizer step, in ``on_train_batch_end``, it runs the module's ``picard_after_optimizer_step``
+    hook (resizes, step-dependent buffers) as the Picard replay does. A run with this callback is the
+    reference that a Picard run with ``threshold=0`` reproduces bit for bit. Under :class:`PicardStrategy` it
+    does nothing (the strategy seeds each evaluation and runs the hook in the replay itself).
 
     Args:
         seed: base of the per-step seeds; use the strategy's ``seed``.
@@ -29,11 +32,16 @@ class StepSeed(Callback):
             raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
         self.seed = seed
         self._context: ExitStack | None = None
+        self._last_hooked_step = 0
 
     def _active(self, trainer: pl.Trainer) -> bool:
         from lightning_picard.strategy import PicardStrategy
 
         return not isinstance(trainer.strategy, PicardStrategy)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_hooked_step = trainer.global_step
 
     @override
     def on_train_batch_start(
@@ -49,6 +57,9 @@ class StepSeed(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._close()
+        if self._active(trainer) and trainer.global_step > self._last_hooked_step:
+            self._last_hooked_step = trainer.global_step
+            run_after_optimizer_step(pl_module, self.seed, trainer.global_step - 1)
 
     @override
     def on_exception(

@@ -1,6 +1,7 @@
 """What a LightningModule may implement to tell Picard about state beyond its Adam-updated parameters.
 
-All hooks are optional; a module that defines none is trained as one fixed vector of parameters.
+All hooks are optional; a module that defines none is trained as one fixed vector of parameters. The docs page
+"Writing a Picard-ready LightningModule" has a worked example of each.
 
 ``picard_local_parameters() -> Iterable[torch.nn.Parameter]``
     Trainable parameters that are *not* Picard state: each rank keeps its own copy, which is never gathered,
@@ -11,11 +12,41 @@ All hooks are optional; a module that defines none is trained as one fixed vecto
     optimizer returned by ``configure_optimizers``. They are part of ``state_dict``, so a checkpoint holds rank
     0's copy, and resuming loads it on every rank; save the local optimizer's state in ``on_save_checkpoint``
     if you need it restored too.
+
+``picard_after_optimizer_step(step: int) -> Mapping[str, Tensor] | None``
+    Runs right after the optimizer step (and step-interval LR schedulers) of step ``step``, the value
+    ``global_step`` had in that step's ``training_step`` (DreamGaussian's 1-based counter is ``step + 1``,
+    which is ``trainer.global_step`` inside the hook). Under Picard it runs only inside the replay, on every
+    rank, so every rank makes the same change; in a sequential run the :class:`~lightning_picard.StepSeed`
+    callback runs it at the same point. It must be a deterministic function of the module's state, the
+    optimizer's state, ``step`` and the step's gradients (still in ``.grad``): global RNGs are seeded for it
+    from ``(seed, step)``. Use it to
+
+    - change dimensions (densify/prune 3D Gaussians): resize parameters **in place** (``param.data = new_rows``;
+      keep the Parameter objects), resize their optimizer state as the sequential code does, and return
+      ``{name: parents}`` for every parameter or Picard buffer whose number of rows changed, where
+      ``parents[i]`` is the row of the old tensor that new row ``i`` descends from (a pruned row has no
+      descendant, a clone or split child points at its parent);
+    - update step-dependent buffers (occupancy grids every k steps, progressive masks, densification
+      statistics) declared by ``picard_buffers``.
+
+``picard_buffers() -> Mapping[str, bool]``
+    Module buffers (full dotted names, as in ``named_buffers``) that are Picard state: each guess carries its
+    own copy, slot evaluations see the guess's buffers, and the replay restarts from the anchor's. The value
+    says whether the buffer's difference counts in the Picard error (as ``‖Δ‖²`` over its elements, next to
+    the parameters'); buffers that are functions of the parameters and the step need not count.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+
+from lightning_picard import rng
+
+HOOK_STREAM = 1
+"""RNG stream of ``picard_after_optimizer_step``, distinct from the step's ``training_step`` stream."""
 
 
 def local_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -34,7 +65,43 @@ def local_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return parameters
 
 
+def picard_named_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters that are Picard state, with their names: trainable, and not declared rank-local."""
+    local = {id(p) for p in local_parameters(module)}
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) not in local]
+
+
 def picard_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters that are Picard state: trainable, and not declared rank-local."""
-    local = {id(p) for p in local_parameters(module)}
-    return [p for p in module.parameters() if p.requires_grad and id(p) not in local]
+    return [p for _, p in picard_named_parameters(module)]
+
+
+def picard_buffers(module: torch.nn.Module) -> dict[str, bool]:
+    """The module's ``picard_buffers()`` as ``{name: counted in the error}``, or ``{}``."""
+    declare = getattr(module, "picard_buffers", None)
+    if declare is None:
+        return {}
+    declared = declare()
+    if not isinstance(declared, Mapping):
+        raise TypeError(
+            f"picard_buffers() must return a mapping {{buffer name: counted in the error}}, got "
+            f"{type(declared).__name__}. Example: return {{'occupancy': False, 'grad_sum': True}}."
+        )
+    return {str(name): bool(counted) for name, counted in declared.items()}
+
+
+def run_after_optimizer_step(
+    module: torch.nn.Module, seed: int, step: int
+) -> Mapping[str, torch.Tensor] | None:
+    """Run the module's ``picard_after_optimizer_step(step)`` with the RNGs seeded from ``(seed, step)``."""
+    hook = getattr(module, "picard_after_optimizer_step", None)
+    if hook is None:
+        return None
+    with rng.step_rng(seed, step, stream=HOOK_STREAM):
+        report = hook(step)
+    if report is not None and not isinstance(report, Mapping):
+        raise TypeError(
+            f"picard_after_optimizer_step(step={step}) must return None or {{name: parents}}, got "
+            f"{type(report).__name__}."
+        )
+    return report or None

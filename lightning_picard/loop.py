@@ -26,8 +26,8 @@ from typing_extensions import override
 
 from lightning_picard import rng
 from lightning_picard.errors import PicardRankError
-from lightning_picard.hooks import picard_parameters
-from lightning_picard.picard import RoundResult, aggregate_errors
+from lightning_picard.hooks import picard_parameters, run_after_optimizer_step
+from lightning_picard.picard import Resize, RoundResult, aggregate_errors
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -165,21 +165,21 @@ class PicardEpochLoop(_TrainingEpochLoop):
             outputs, failure = self._evaluate_slots(n, tau, first_batch_idx)
         with trainer.profiler.profile("picard_gather"):
             gathered = self.strategy.gather_rows(self._local_rows, out=self._gathered)
-        numel = self.strategy.flat.numel
-        tail = gathered[:, numel:].tolist()  # host read after the gather: presence flags and slot status
-        self._raise_if_a_rank_failed(tail, failure)
+        header = _STATUS_COLUMNS + self.strategy.flat.header
+        head = gathered[:, :header].tolist()  # host read after the gather: slot status and presence flags
+        self._raise_if_a_rank_failed(head, failure)
         rows = [self.strategy.gathered_row(j) for j in range(n)]
-        nonfinite = [j for j in range(n) if tail[rows[j]][_NONFINITE]]
+        nonfinite = [j for j in range(n) if head[rows[j]][_NONFINITE]]
         if nonfinite and nonfinite[0] > 0:
             n = nonfinite[0]  # a guess with a non-finite gradient is not on the true trajectory
         with trainer.profiler.profile("picard_replay"):
             result = self.strategy.window.run_round(
                 tau,
                 n,
-                gradient_row=lambda j: gathered[rows[j], :-_STATUS_COLUMNS],
+                gradient_row=lambda j: gathered[rows[j], _STATUS_COLUMNS:],
                 apply_update=lambda j: self._apply_update(tau + j, first_batch_idx + j),
                 snapshot=self.strategy.snapshot,
-                presence=[[bool(v) for v in tail[rows[j]][:-_STATUS_COLUMNS]] for j in range(n)],
+                presence=[[bool(v) for v in head[rows[j]][_STATUS_COLUMNS:]] for j in range(n)],
             )
         skip = result.skip
         del self._batches[:skip]
@@ -259,10 +259,10 @@ class PicardEpochLoop(_TrainingEpochLoop):
         trainer = self.trainer
         strategy = self.strategy
         window, flat = strategy.window, strategy.flat
-        if self._local_rows is None:
-            row_length = flat.row_length + _STATUS_COLUMNS
+        row_length = _STATUS_COLUMNS + flat.header + max(window.slot_numel(j) for j in range(n))
+        if self._local_rows is None or self._local_rows.shape[1] != row_length:
             self._gathered, self._local_rows = strategy.new_gather_buffer(row_length, flat.flat)
-        self._local_rows[:, -_STATUS_COLUMNS:] = 0
+        self._local_rows[:, :_STATUS_COLUMNS] = 0
         optimizer = trainer.optimizers[0]
         output: Any = None
         for j in strategy.owned_slots(n):
@@ -288,26 +288,26 @@ class PicardEpochLoop(_TrainingEpochLoop):
                     )
                     call._call_strategy_hook(trainer, "backward", result.closure_loss, optimizer)
             except Exception as error:
-                row[-_STATUS_COLUMNS + _FAILED_STEP] = step + 1
+                row[_FAILED_STEP] = step + 1
                 error.picard_step = step  # type: ignore[attr-defined]
                 window.load(0)
                 return output, error
             finally:
                 self._evaluating_step = None
-            gradient = row[: flat.row_length]
+            gradient = row[_STATUS_COLUMNS : _STATUS_COLUMNS + flat.row_length]
             flat.write_gradients(gradient)
-            row[-_STATUS_COLUMNS + _NONFINITE] = (~torch.isfinite(gradient[: flat.numel])).any()
+            row[_NONFINITE] = (~torch.isfinite(gradient[flat.header :])).any()
             output = result.asdict()
         window.load(0)
         return output, None
 
-    def _raise_if_a_rank_failed(self, tail: list[list[float]], failure: BaseException | None) -> None:
+    def _raise_if_a_rank_failed(self, head: list[list[float]], failure: BaseException | None) -> None:
         """If any rank's evaluation raised, every rank raises a :class:`PicardRankError` naming rank and step."""
         strategy = self.strategy
         failed = [
-            (int(row[-_STATUS_COLUMNS + _FAILED_STEP]) - 1, index // strategy.slots_per_rank)
-            for index, row in enumerate(tail)
-            if row[-_STATUS_COLUMNS + _FAILED_STEP]
+            (int(row[_FAILED_STEP]) - 1, index // strategy.slots_per_rank)
+            for index, row in enumerate(head)
+            if row[_FAILED_STEP]
         ]
         if not failed:
             return
@@ -340,7 +340,8 @@ class PicardEpochLoop(_TrainingEpochLoop):
                     "training_step rather than in the dataset or collate_fn."
                 )
 
-    def _check_parameters_unchanged(self) -> None:
+    def _check_parameters_unchanged(self, storage: bool = True) -> None:
+        """Raise if the module's Picard parameters are not the objects (or, with ``storage``, the buffer) we hold."""
         flat = self.strategy.flat
         module = self.trainer.lightning_module
         current = picard_parameters(module)
@@ -348,17 +349,22 @@ class PicardEpochLoop(_TrainingEpochLoop):
             raise MisconfigurationException(
                 "The module's trainable parameters changed during fit (a parameter was added, replaced or had "
                 "requires_grad switched). PicardStrategy keeps a fixed set of parameters: create every parameter "
-                "before fit, and freeze with requires_grad_(False) before fit if you need to."
+                "before fit, and freeze with requires_grad_(False) before fit if you need to. To change a "
+                "parameter's number of rows, assign `param.data = new_rows` in picard_after_optimizer_step and "
+                "return {name: parents} (see 'Writing a Picard-ready LightningModule')."
             )
-        storage = flat.flat.untyped_storage().data_ptr()
-        if any(p.untyped_storage().data_ptr() != storage for p in flat.params):
+        if not storage:
+            return
+        flat_storage = flat.flat.untyped_storage().data_ptr()
+        if any(p.untyped_storage().data_ptr() != flat_storage for p in flat.params):
             raise MisconfigurationException(
-                "A parameter's storage was replaced during fit (e.g. `param.data = new_tensor`). Update "
-                "parameters in place (`param.data.copy_(...)`, `with torch.no_grad(): param.copy_(...)`)."
+                "A parameter's storage was replaced during fit (e.g. `param.data = new_tensor`) outside "
+                "picard_after_optimizer_step. Update parameters in place (`param.data.copy_(...)`, `with torch.no_grad(): param.copy_(...)`)."
             )
 
-    def _apply_update(self, step: int, batch_idx: int) -> None:
-        """The user's optimizer step (with clipping and hooks) and step-interval schedulers for ``step``."""
+    def _apply_update(self, step: int, batch_idx: int) -> Resize | None:
+        """The user's optimizer step (with clipping and hooks), step-interval schedulers and the module's step
+        hook for ``step``; returns the hook's resize report."""
         trainer = self.trainer
         module = trainer.lightning_module
         self._evaluating_step = step
@@ -374,8 +380,13 @@ class PicardEpochLoop(_TrainingEpochLoop):
             for config in trainer.lr_scheduler_configs:
                 if config.interval == "step" and (batch_idx + 1) % config.frequency == 0:
                     call._call_lightning_module_hook(trainer, "lr_scheduler_step", config.scheduler, None)
+            self._evaluating_step = step + 1  # as in a sequential run, after the optimizer step
+            report = run_after_optimizer_step(module, self.strategy.seed, step)
         finally:
             self._evaluating_step = None
+        if report is not None:
+            self._check_parameters_unchanged(storage=False)
+        return report
 
     def _log_round(self, result: RoundResult, nonfinite: int) -> None:
         module = self.trainer.lightning_module
@@ -431,7 +442,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
             rank_zero_info(f"Picard resume: {window.load_state_dict(state_dict['picard'])}.")
 
 
-_STATUS_COLUMNS = 2
+_STATUS_COLUMNS = 2  # at the start of each gathered row, before the presence flags and the gradients
 _FAILED_STEP = 0  # step + 1 of the evaluation that raised on this rank, 0 if none
 _NONFINITE = 1  # 1 if the slot's gradient has a NaN or inf
 

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
+
+from lightning_picard.buffers import ModuleBuffers, copy_buffers
+from lightning_picard.resize import Lineage, ResizeEvent, check_parents, rebase, row_maps, unproject
 
 Aggregate = Literal["median", "mean"]
 Initializer = Literal["copy", "extrapolate"]
@@ -26,18 +30,33 @@ AGGREGATES: tuple[str, ...] = ("median", "mean")
 INITIALIZERS: tuple[str, ...] = ("copy", "extrapolate")
 
 
+Layout = tuple[torch.Size, ...]
+"""The shapes of the Picard parameters, in order."""
+
+
 class FlatParameters:
     """Parameters re-seated as views of one contiguous buffer, plus the flat layout of their gradients.
 
-    A gradient row holds ``numel`` gradient values followed by one flag per parameter tensor (1 if the
-    parameter received a gradient, 0 if its ``.grad`` was ``None``), so that replay skips exactly the
-    parameters the sequential optimizer would skip.
+    A gradient row holds one flag per parameter tensor (1 if the parameter received a gradient, 0 if its
+    ``.grad`` was ``None``), so that replay skips exactly the parameters the sequential optimizer would skip,
+    followed by the ``numel`` gradient values.
+
+    The layout (the parameters' shapes) may change: :meth:`set_layout` re-seats the parameters in a buffer of
+    other shapes (to evaluate a guess of another size), :meth:`absorb` adopts shapes a module gave its
+    parameters (``param.data = new_rows``) in a resize.
+
+    Args:
+        params: the parameters, in a fixed order.
+        names: their names (as in ``named_parameters``), used to match a module's resize reports.
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
+    def __init__(self, params: Sequence[torch.nn.Parameter], names: Sequence[str] | None = None) -> None:
         self.params = list(params)
         if not self.params:
             raise ValueError("Picard needs at least one trainable parameter; the module has none.")
+        self.names = list(names) if names is not None else [str(i) for i in range(len(self.params))]
+        if len(self.names) != len(self.params):
+            raise ValueError(f"got {len(self.names)} names for {len(self.params)} parameters")
         dtypes = {p.dtype for p in self.params}
         devices = {p.device for p in self.params}
         if len(dtypes) > 1 or len(devices) > 1:
@@ -46,45 +65,108 @@ class FlatParameters:
                 f"{sorted(map(str, dtypes))} and devices {sorted(map(str, devices))}. Cast the module to one "
                 "dtype (e.g. precision='bf16-true' or '32-true') before fitting."
             )
-        self.numels = [p.numel() for p in self.params]
+        self._install(
+            torch.cat([p.detach().reshape(-1) for p in self.params]), tuple(p.shape for p in self.params)
+        )
+
+    def _install(self, flat: torch.Tensor, layout: Layout) -> None:
+        self.flat = flat
+        self.layout: Layout = layout
+        self.numels = [s.numel() for s in layout]
         self.numel = sum(self.numels)
-        self.flat = torch.cat([p.detach().reshape(-1) for p in self.params])
         self._slices = []
         offset = 0
-        for p, n in zip(self.params, self.numels):
-            p.data = self.flat[offset : offset + n].view_as(p)
+        for p, shape, n in zip(self.params, layout, self.numels):
+            p.data = flat[offset : offset + n].view(shape)
             self._slices.append(slice(offset, offset + n))
             offset += n
-        self._grad_flat = torch.zeros_like(self.flat)
-        self._grad_views = [self._grad_flat[s].view_as(p) for s, p in zip(self._slices, self.params)]
+        self._grad_flat = torch.zeros_like(flat)
+        self._grad_views = [self._grad_flat[s].view(shape) for s, shape in zip(self._slices, layout)]
+
+    @property
+    def header(self) -> int:
+        """Length of a gradient row's header: one presence flag per parameter tensor."""
+        return len(self.params)
 
     @property
     def row_length(self) -> int:
-        """Length of one gradient row: the gradients and one presence flag per parameter tensor."""
-        return self.numel + len(self.params)
+        """Length of one gradient row in the current layout: the presence flags and the gradients."""
+        return self.header + self.numel
 
     def new_rows(self, n: int) -> torch.Tensor:
         """A zeroed ``[n, row_length]`` buffer on the parameters' device and dtype."""
         return self.flat.new_zeros((n, self.row_length))
 
+    def set_layout(self, layout: Layout) -> None:
+        """Re-seat the parameters in a new buffer of shapes ``layout`` (values undefined); no-op if unchanged."""
+        if layout != self.layout:
+            self._install(self.flat.new_empty(sum(s.numel() for s in layout)), layout)
+
+    def absorb(self) -> bool:
+        """Adopt parameters whose storage the module replaced (``param.data = …``); returns whether any was."""
+        size = self.flat.element_size()
+        base = self.flat.data_ptr()
+        if all(
+            p.shape == shape and p.data_ptr() == base + s.start * size and p.is_contiguous()
+            for p, shape, s in zip(self.params, self.layout, self._slices)
+        ):
+            return False
+        bad = [
+            n
+            for n, p in zip(self.names, self.params)
+            if p.dtype != self.flat.dtype or p.device != self.flat.device
+        ]
+        if bad:
+            raise ValueError(
+                f"Parameters {bad} changed dtype or device during fit; Picard keeps one dtype and device."
+            )
+        self._install(
+            torch.cat([p.detach().reshape(-1) for p in self.params]), tuple(p.shape for p in self.params)
+        )
+        return True
+
     def write_gradients(self, row: torch.Tensor) -> None:
         """Copy the current ``.grad`` of every parameter into ``row`` (zeros and flag 0 where ``None``)."""
-        flags = row[self.numel :]
+        flags, values = row[: self.header], row[self.header : self.row_length]
         for i, (p, s) in enumerate(zip(self.params, self._slices)):
             if p.grad is None:
-                row[s].zero_()
+                values[s].zero_()
                 flags[i] = 0
             else:
-                row[s].copy_(p.grad.reshape(-1))
+                values[s].copy_(p.grad.reshape(-1))
                 flags[i] = 1
 
-    def load_gradients(self, row: torch.Tensor, present: Sequence[bool]) -> None:
+    def load_gradients(
+        self,
+        row: torch.Tensor,
+        present: Sequence[bool],
+        layout: Layout | None = None,
+        maps: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """Set ``.grad`` of every parameter from ``row``; ``None`` where ``present`` is False.
 
         The gradients are copied into storage owned here, so in-place changes (gradient clipping) by the
-        optimizer step never alter ``row``.
+        optimizer step never alter ``row``. A row written in another ``layout`` is mapped onto the current one
+        through ``maps`` (tensor name → source row of each current row, see :func:`~lightning_picard.resize.row_maps`):
+        children take their parent's gradient, rows without a source get zero.
         """
-        self._grad_flat.copy_(row[: self.numel])
+        values = row[self.header :]
+        if (layout is None or layout == self.layout) and not maps:
+            self._grad_flat.copy_(values[: self.numel])
+        else:
+            offset = 0
+            for name, view, shape in zip(self.names, self._grad_views, layout or self.layout):
+                source = values[offset : offset + shape.numel()].view(shape)
+                offset += shape.numel()
+                if maps and name in maps:
+                    source = unproject(source, maps[name])
+                if source.shape != view.shape:
+                    raise RuntimeError(
+                        f"The gradient of {name!r} has shape {tuple(source.shape)} but the parameter has "
+                        f"{tuple(view.shape)} and no resize event relates them: report every change of a "
+                        "parameter's rows from picard_after_optimizer_step."
+                    )
+                view.copy_(source)
         for p, view, has_grad in zip(self.params, self._grad_views, present):
             if not has_grad:
                 p.grad = None
@@ -93,7 +175,7 @@ class FlatParameters:
 
     def presence(self, row: torch.Tensor) -> list[bool]:
         """Which parameters have a gradient in ``row`` (one host read of the flags)."""
-        return [bool(v) for v in row[self.numel :].tolist()]
+        return [bool(v) for v in row[: self.header].tolist()]
 
 
 class OptimizerSnapshot:
@@ -158,6 +240,10 @@ def _copy_state(source: dict[str, Any], reuse: dict[str, Any] | None) -> dict[st
                     reuse[k] = copy.deepcopy(v)
             return reuse
     return {k: _clone(v) for k, v in source.items()}
+
+
+def _rows(shape: torch.Size) -> int:
+    return shape[0] if len(shape) else 1
 
 
 def _clone(value: Any) -> Any:
@@ -225,15 +311,35 @@ class _RoundInFlight:
     anchor_in_scratch: bool = False
 
 
-UpdateFn = Callable[[int], None]
-"""Applies the user's optimizer step for window slot ``j`` (step ``τ + j``); gradients are already loaded."""
+@dataclass
+class _Row:
+    """One window state: parameter values in ``layout``, the Picard buffers, and the resizes since the anchor."""
+
+    values: torch.Tensor
+    layout: Layout
+    buffers: dict[str, torch.Tensor]
+    lineage: Lineage = ()
+
+
+Resize = Mapping[str, torch.Tensor]
+"""A module's report of changed dimensions: tensor name → parent row (in the old tensor) of each new row."""
+
+UpdateFn = Callable[[int], "Resize | None"]
+"""Applies the user's optimizer step for window slot ``j`` (step ``τ + j``), gradients already loaded, then the
+module's step hook; returns the hook's resize report, if any."""
 
 
 class PicardWindow:
     """Anchor and guesses of a sliding window of ``window_size`` optimizer steps, with the adaptive threshold.
 
-    Memory: ``window_size + 1`` parameter vectors in a ring buffer, one scratch vector and one optimizer-state
-    snapshot (two with ``init="extrapolate"`` when a full window converged).
+    Memory: ``window_size + 1`` parameter vectors, one scratch vector and one optimizer-state snapshot (two
+    with ``init="extrapolate"`` when a full window converged); the Picard buffers, if any, once per vector.
+
+    Rows may differ in size when the module changes dimensions (see :mod:`lightning_picard.resize`): each row
+    remembers its layout and the resize events since the anchor, gradients evaluated on a guess of another size
+    are mapped onto the replayed state (``unproj``) and errors are measured after the mapping. A guess whose
+    resize history differs from the replay's is never exactly converged (its error is at least the smallest
+    positive float), so ``threshold=0`` stays exact.
 
     Args:
         flat: the module's parameters, re-seated as one flat buffer.
@@ -243,6 +349,7 @@ class PicardWindow:
         aggregate: ``M``, a true ``"median"`` or the ``"mean"`` of the round's errors.
         init: how new slots are guessed: ``"copy"`` the last replayed state, or ``"extrapolate"`` by
             continuing the replay with the latest gradient.
+        buffers: module buffers that are Picard state (carried with every row), if any.
     """
 
     def __init__(
@@ -253,6 +360,7 @@ class PicardWindow:
         ema_decay: float,
         aggregate: Aggregate = "median",
         init: Initializer = "copy",
+        buffers: ModuleBuffers | None = None,
     ) -> None:
         self.flat = flat
         self.window_size = window_size
@@ -260,26 +368,68 @@ class PicardWindow:
         self.ema_decay = float(ema_decay)
         self.aggregate: Aggregate = aggregate
         self.init: Initializer = init
+        self.buffers = buffers
         self.adaptive = threshold > 0
         self.rounds = 0
         self._round: _RoundInFlight | None = None
         self._end_snapshot: OptimizerSnapshot | None = None
-        self._ring = flat.flat.detach().unsqueeze(0).repeat(window_size + 1, 1)
+        self._rows = [self._new_row() for _ in range(window_size + 1)]
         self._start = 0
-        self._scratch = torch.empty_like(flat.flat)
+        self._scratch = self._new_row()
+
+    def _new_row(self) -> _Row:
+        return _Row(self.flat.flat.detach().clone(), self.flat.layout, self._buffer_copy())
+
+    def _buffer_copy(self, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        return self.buffers.copy(into) if self.buffers is not None else {}
+
+    def _row(self, j: int) -> _Row:
+        return self._rows[(self._start + j) % (self.window_size + 1)]
 
     def guess(self, j: int) -> torch.Tensor:
-        """Row ``j`` of the window: the anchor for ``j = 0``, else the guess of step ``τ + j``."""
-        return self._ring[(self._start + j) % (self.window_size + 1)]
+        """Parameter values of row ``j``: the anchor for ``j = 0``, else the guess of step ``τ + j``."""
+        return self._row(j).values
+
+    def slot_numel(self, j: int) -> int:
+        """Number of parameter values in row ``j`` (rows differ only when the module changes dimensions)."""
+        return self._row(j).values.numel()
 
     def load(self, j: int) -> None:
-        """Set the module's parameters to window row ``j``."""
-        self.flat.flat.copy_(self.guess(j))
+        """Set the module's parameters (and Picard buffers) to window row ``j``."""
+        self._load_row(self._row(j))
+
+    def _load_row(self, row: _Row) -> None:
+        self.flat.set_layout(row.layout)
+        self.flat.flat.copy_(row.values)
+        if self.buffers is not None:
+            self.buffers.load(row.buffers)
+
+    def _record(self, row: _Row, lineage: Lineage) -> None:
+        """Write the module's current state into ``row``."""
+        flat = self.flat.flat
+        if row.values.shape == flat.shape:
+            row.values.copy_(flat)
+        else:
+            row.values = flat.detach().clone()
+        row.layout = self.flat.layout
+        self._buffer_copy(row.buffers)
+        row.lineage = lineage
+
+    def _copy_row(self, source: _Row, target: _Row) -> None:
+        if target.values.shape == source.values.shape:
+            target.values.copy_(source.values)
+        else:
+            target.values = source.values.clone()
+        target.layout = source.layout
+        copy_buffers(source.buffers, target.buffers)
+        target.lineage = source.lineage
 
     def reset_to(self, params: torch.Tensor | None = None) -> None:
-        """Make every row equal to ``params`` (default: the module's current parameters)."""
-        source = self.flat.flat if params is None else params
-        self._ring.copy_(source.detach().unsqueeze(0).expand_as(self._ring))
+        """Make every row equal to ``params`` (default: the module's current parameters) and buffers."""
+        if params is not None:
+            self.flat.flat.copy_(params)
+        for row in self._rows:
+            self._record(row, ())
         self._start = 0
 
     def run_round(
@@ -300,27 +450,37 @@ class PicardWindow:
         Args:
             window_start: τ, the anchor's step.
             n: slots evaluated this round (≤ window size; smaller near the end or at checkpoint boundaries).
-            gradient_row: slot index → its gradient row (see :class:`FlatParameters`).
-            apply_update: runs the optimizer step of slot ``j`` after its gradients were loaded.
+            gradient_row: slot index → its gradient row (see :class:`FlatParameters`), in the layout of the
+                row the slot was evaluated at.
+            apply_update: runs the optimizer step of slot ``j`` after its gradients were loaded, and the
+                module's step hook; returns the hook's resize report.
             snapshot: snapshot of the optimizer used to return to the anchor state.
             presence: per slot, which parameters have a gradient (read from the rows if not given).
         """
         if not 1 <= n <= self.window_size:
             raise ValueError(f"n must be in [1, {self.window_size}], got {n}")
-        flat = self.flat.flat
         if presence is None:
             presence = [self.flat.presence(gradient_row(j)) for j in range(n)]
+        evaluated = [(self._row(j).layout, self._row(j).lineage) for j in range(n)]
         self._round = _RoundInFlight(snapshot)
         snapshot.capture()
-        errors_device = torch.zeros(n, dtype=torch.float64, device=flat.device)
+        errors_device = torch.zeros(n, dtype=torch.float64, device=self.flat.flat.device)
+        sizes = []
+        lineage: Lineage = ()
         for j in range(n):
-            self.flat.load_gradients(gradient_row(j), presence[j])
-            apply_update(j)
-            target = self.guess(j + 1)
-            torch.sub(flat, target, out=self._scratch)
-            errors_device[j] = squared_norm(self._scratch)
-            target.copy_(flat)
-        errors = (errors_device / self.flat.numel).tolist()
+            lineage = self._replay_step(
+                gradient_row(j),
+                presence[j],
+                evaluated[j],
+                lineage,
+                partial(apply_update, j),
+                window_start + j,
+            )
+            target = self._row(j + 1)
+            errors_device[j], size = self._squared_error(target, lineage)
+            sizes.append(size)
+            self._record(target, lineage)
+        errors = [e / size for e, size in zip(errors_device.tolist(), sizes)]
         threshold_used = self.threshold
         skip = first_unconverged(errors, threshold_used)
         if self.adaptive:
@@ -328,20 +488,146 @@ class PicardWindow:
             if math.isfinite(m):
                 self.threshold = self.ema_decay * self.threshold + (1.0 - self.ema_decay) * m
 
-        self._scratch.copy_(self.guess(0))
+        self._copy_row(self._row(0), self._scratch)
         self._round.anchor_in_scratch = True
         needs_second_replay = skip < n
-        self._fill_new_slots(n, skip, gradient_row, presence, apply_update, snapshot, needs_second_replay)
+        self._fill_new_slots(
+            n,
+            skip,
+            window_start,
+            gradient_row,
+            presence,
+            evaluated,
+            lineage,
+            apply_update,
+            snapshot,
+            needs_second_replay,
+        )
         if needs_second_replay:
-            flat.copy_(self._scratch)
+            self._load_row(self._scratch)
             snapshot.restore()
+            lineage = ()
             for j in range(skip):
-                self.flat.load_gradients(gradient_row(j), presence[j])
-                apply_update(j)
+                lineage = self._replay_step(
+                    gradient_row(j),
+                    presence[j],
+                    evaluated[j],
+                    lineage,
+                    partial(apply_update, j),
+                    window_start + j,
+                )
         self._start = (self._start + skip) % (self.window_size + 1)
+        new_anchor = window_start + skip
+        for row in self._rows:
+            if row.lineage:
+                row.lineage = rebase(row.lineage, new_anchor)
         self.rounds += 1
         self._round = None
         return RoundResult(window_start=window_start, skip=skip, errors=errors, threshold=self.threshold)
+
+    def _replay_step(
+        self,
+        gradient: torch.Tensor,
+        present: Sequence[bool],
+        evaluated: tuple[Layout, Lineage],
+        lineage: Lineage,
+        update: Callable[[], Resize | None],
+        step: int,
+    ) -> Lineage:
+        """Load a gradient onto the replayed state (``unproj`` if it was evaluated on other rows), run the
+        update of ``step`` and adopt the module's resize report; returns the replayed state's lineage."""
+        layout, evaluated_lineage = evaluated
+        maps = row_maps(evaluated_lineage, lineage) if (evaluated_lineage or lineage) else None
+        self.flat.load_gradients(gradient, present, layout, maps)
+        rows_before = {name: _rows(shape) for name, shape in self._shapes().items()}
+        shapes_before = self._shapes()
+        report = update()
+        self.flat.absorb()
+        event = self._resize_event(report, step, rows_before, shapes_before, self._shapes())
+        return lineage if event is None else (*lineage, event)
+
+    def _shapes(self) -> dict[str, torch.Size]:
+        """Shapes of the Picard parameters and buffers by name."""
+        shapes = dict(zip(self.flat.names, self.flat.layout))
+        if self.buffers is not None:
+            shapes.update({n: b.shape for n, b in self.buffers.live().items()})
+        return shapes
+
+    def _resize_event(
+        self,
+        report: Resize | None,
+        step: int,
+        rows_before: dict[str, int],
+        before: dict[str, torch.Size],
+        after: dict[str, torch.Size],
+    ) -> ResizeEvent | None:
+        report = dict(report or {})
+        unknown = [name for name in report if name not in before]
+        if unknown:
+            raise ValueError(
+                f"picard_after_optimizer_step(step={step}) reported resizing {unknown}, which are neither Picard "
+                f"parameters nor Picard buffers (known: {sorted(before)[:8]})."
+            )
+        for name in before:
+            old, new = before[name], after[name]
+            if old != new and (name not in report or old[1:] != new[1:]):
+                what = "without reporting it" if name not in report else "beyond its first dimension"
+                raise ValueError(
+                    f"{name!r} changed shape from {tuple(old)} to {tuple(new)} after step {step} {what}. Picard "
+                    "supports changing the number of rows (dim 0) of a tensor, reported by "
+                    "picard_after_optimizer_step as {name: parents}."
+                )
+        if not report:
+            return None
+        parents = {
+            name: check_parents(
+                name, value, rows_before[name], after[name][0] if len(after[name]) else 1, step
+            )
+            for name, value in report.items()
+        }
+        return ResizeEvent(step, parents, {name: rows_before[name] for name in parents})
+
+    def _squared_error(self, target: _Row, lineage: Lineage) -> tuple[torch.Tensor, int]:
+        """‖replayed − guess‖² (after mapping the guess onto the replayed rows) and the number of values."""
+        flat = self.flat.flat
+        maps = row_maps(target.lineage, lineage) if (target.lineage or lineage) else None
+        if maps is None:
+            if target.layout != self.flat.layout:
+                raise RuntimeError(
+                    f"A guess has parameter shapes {target.layout} but the replay has {self.flat.layout} with no "
+                    "resize event between them: report every change of a parameter's rows from "
+                    "picard_after_optimizer_step."
+                )
+            if self._scratch.values.shape != flat.shape:
+                self._scratch.values = torch.empty_like(flat)
+            torch.sub(flat, target.values, out=self._scratch.values)
+            error = squared_norm(self._scratch.values)
+        else:
+            error = self._mapped_parameter_error(target, maps)
+        size = self.flat.numel
+        if self.buffers is not None:
+            buffer_error, buffer_size = self.buffers.squared_difference(target.buffers, maps)
+            if buffer_error is not None:
+                error = error + buffer_error
+                size += buffer_size
+        if maps is not None:
+            error = torch.maximum(
+                error, torch.tensor(_SMALLEST_ERROR, dtype=torch.float64, device=error.device)
+            )
+        return error, size
+
+    def _mapped_parameter_error(self, target: _Row, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        error = torch.zeros((), dtype=torch.float64, device=self.flat.flat.device)
+        offset = 0
+        for name, p, shape in zip(self.flat.names, self.flat.params, target.layout):
+            guess = target.values[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+            if name in maps:
+                guess = unproject(guess, maps[name], missing=math.nan)
+            if guess.shape != p.shape:
+                return torch.tensor(math.nan, dtype=torch.float64, device=error.device)
+            error = error + squared_norm(p.detach() - guess)
+        return error
 
     def abort_round(self) -> bool:
         """After an exception inside :meth:`run_round`: put the anchor back into the parameters and optimizer.
@@ -356,7 +642,7 @@ class PicardWindow:
             self.load(0)
             return False
         if round_.anchor_in_scratch:
-            self.flat.flat.copy_(self._scratch)
+            self._load_row(self._scratch)
             self.reset_to()
         else:
             self.load(0)
@@ -368,18 +654,21 @@ class PicardWindow:
         self,
         n: int,
         skip: int,
+        window_start: int,
         gradient_row: Callable[[int], torch.Tensor],
-        presence: list[list[bool]],
+        presence: Sequence[Sequence[bool]],
+        evaluated: list[tuple[Layout, Lineage]],
+        lineage: Lineage,
         apply_update: UpdateFn,
         snapshot: OptimizerSnapshot,
         replay_again: bool,
     ) -> None:
         """Guess the ``skip`` steps that enter the window at its end (ring rows ``P + 1 … P + skip``)."""
         P = self.window_size
-        last = self.guess(P)
+        last = self._row(P)
         if self.init == "copy" or n < P:
             for k in range(1, skip + 1):
-                self.guess(P + k).copy_(last)
+                self._copy_row(last, self._row(P + k))
             return
         # Continue the replay past τ + P with the latest gradient. The optimizer is at step τ + P now.
         at_end = None
@@ -388,36 +677,84 @@ class PicardWindow:
             if at_end is None or at_end.optimizer is not snapshot.optimizer:
                 at_end = self._end_snapshot = OptimizerSnapshot(snapshot.optimizer, snapshot.schedulers)
             at_end.capture()
-        for k in range(1, skip + 1):
-            self.flat.load_gradients(gradient_row(n - 1), presence[n - 1])
-            apply_update(P - 1 + k)
-            self.guess(P + k).copy_(self.flat.flat)
+        for k in range(1, skip + 1):  # rows P + k wrap onto rows 0 … P − 1: row P stays intact
+            lineage = self._replay_step(
+                gradient_row(n - 1),
+                presence[n - 1],
+                evaluated[n - 1],
+                lineage,
+                partial(apply_update, P - 1 + k),
+                window_start + P - 1 + k,
+            )
+            self._record(self._row(P + k), lineage)
         if at_end is not None:
-            self.flat.flat.copy_(last)
+            self._load_row(last)
             at_end.restore()
 
     def state_dict(self) -> dict[str, Any]:
-        """Window rows in order (anchor first), threshold and round counter, for checkpoints."""
-        order = [(self._start + j) % (self.window_size + 1) for j in range(self.window_size + 1)]
+        """Window rows in order (anchor first), threshold and round counter, for checkpoints (on the CPU)."""
+        rows = [self._row(j) for j in range(self.window_size + 1)]
         return {
-            "guesses": self._ring[order].detach().cpu().clone(),
+            "rows": [
+                {
+                    "values": row.values.detach().cpu().clone(),
+                    "layout": [list(shape) for shape in row.layout],
+                    "buffers": {k: v.detach().cpu().clone() for k, v in row.buffers.items()},
+                    "lineage": [
+                        {
+                            "step": event.step,
+                            "parents": {k: v.cpu() for k, v in event.parents.items()},
+                            "rows_before": dict(event.rows_before),
+                        }
+                        for event in row.lineage
+                    ],
+                }
+                for row in rows
+            ],
             "threshold": self.threshold,
             "rounds": self.rounds,
             "window_size": self.window_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> str:
-        """Restore from :meth:`state_dict`; returns a sentence saying what was restored or re-initialised."""
+        """Restore from :meth:`state_dict`; returns a sentence saying what was restored or re-initialised.
+
+        The module's parameters and buffers must already hold the checkpoint's anchor (Lightning restores the
+        module first); the guesses are re-initialised from it if the checkpoint's window does not fit this run.
+        """
         self.threshold = float(state["threshold"])
         self.rounds = int(state["rounds"])
-        guesses: torch.Tensor = state["guesses"]
-        if guesses.shape != self._ring.shape:
+        rows = state.get("rows")
+        if rows is None and "guesses" in state:  # the format before rows could differ in size
+            rows = [
+                {"values": g, "layout": [list(s) for s in self.flat.layout], "buffers": {}, "lineage": []}
+                for g in state["guesses"]
+            ]
+        device, dtype = self.flat.flat.device, self.flat.flat.dtype
+        anchor_layout = tuple(torch.Size(s) for s in rows[0]["layout"]) if rows else None
+        buffer_names = sorted(self.buffers.names) if self.buffers is not None else []
+        if (
+            len(rows) != self.window_size + 1
+            or anchor_layout != self.flat.layout
+            or any(sorted(row["buffers"]) != buffer_names for row in rows)
+        ):
             self.reset_to()
             return (
-                f"the checkpoint's window ({guesses.shape[0] - 1} slots of {guesses.shape[1]} values) does not "
-                f"match this run's ({self.window_size} slots of {self._ring.shape[1]}); the guesses were "
-                "re-initialised from the anchor"
+                f"the checkpoint's window ({len(rows) - 1} slots, anchor shapes {anchor_layout}) does not match this "
+                f"run's ({self.window_size} slots, shapes {self.flat.layout}); the guesses were re-initialised from "
+                "the anchor"
             )
-        self._ring.copy_(guesses.to(self._ring.device, self._ring.dtype))
+        for target, saved in zip(self._rows, rows):
+            target.values = saved["values"].to(device, dtype).clone()
+            target.layout = tuple(torch.Size(s) for s in saved["layout"])
+            target.buffers = {k: v.to(device).clone() for k, v in saved["buffers"].items()}
+            target.lineage = tuple(
+                ResizeEvent(
+                    int(e["step"]),
+                    {k: v.to(device) for k, v in e["parents"].items()},
+                    dict(e["rows_before"]),
+                )
+                for e in saved["lineage"]
+            )
         self._start = 0
         return f"restored {self.window_size} guesses, threshold {self.threshold:.3g}, {self.rounds} rounds"

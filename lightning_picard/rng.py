@@ -27,9 +27,15 @@ _MAX_SEED = 2**32
 _current_step_seed: ContextVar[int | None] = ContextVar("lightning_picard_step_seed", default=None)
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The seed of optimizer step ``step`` in a run seeded with ``seed``."""
-    return (seed + step) % _MAX_SEED
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """The seed of optimizer step ``step`` in a run seeded with ``seed``.
+
+    ``stream`` 0 is the step's evaluation (``training_step`` and backward); other streams (the step hook) get
+    seeds of their own.
+    """
+    if stream == 0:
+        return (seed + step) % _MAX_SEED
+    return (seed * 1_000_003 + step * 7_919 + stream * 104_729 + 1) % _MAX_SEED
 
 
 def get_rng_states() -> dict[str, Any]:
@@ -61,13 +67,13 @@ def seed_all(value: int) -> None:
 
 
 @contextmanager
-def step_rng(seed: int, step: int) -> Iterator[int]:
+def step_rng(seed: int, step: int, stream: int = 0) -> Iterator[int]:
     """Run the body with every global RNG seeded for optimizer step ``step``; restore them afterwards.
 
-    Yields the step's seed. Inside the body, :func:`step_generator` returns generators seeded the same way.
+    Yields the step's seed (of ``stream``, see :func:`step_seed`). Inside the body, :func:`step_generator` returns generators seeded the same way.
     The previous RNG states are restored even if the body raises.
     """
-    value = step_seed(seed, step)
+    value = step_seed(seed, step, stream)
     saved = get_rng_states()
     token = _current_step_seed.set(value)
     try:

@@ -18,7 +18,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_picard import rng
-from lightning_picard.hooks import local_parameters, picard_parameters
+from lightning_picard.buffers import ModuleBuffers
+from lightning_picard.hooks import (
+    local_parameters,
+    picard_buffers,
+    picard_named_parameters,
+)
 from lightning_picard.loop import check_trainer_supported, install_picard_loop
 from lightning_picard.picard import AGGREGATES, INITIALIZERS, FlatParameters, OptimizerSnapshot, PicardWindow
 
@@ -158,9 +163,17 @@ class PicardStrategy(DDPStrategy):
         module = trainer.lightning_module
         self._check_optimization(trainer)
         self._synchronize_initial_state(module)
-        self.flat = FlatParameters(picard_parameters(module))
+        named = picard_named_parameters(module)
+        self.flat = FlatParameters([p for _, p in named], [name for name, _ in named])
+        buffers = picard_buffers(module)
         self.window = PicardWindow(
-            self.flat, self.window_size, self.threshold, self.ema_decay, self.aggregate, self.init
+            self.flat,
+            self.window_size,
+            self.threshold,
+            self.ema_decay,
+            self.aggregate,
+            self.init,
+            buffers=ModuleBuffers(module, buffers) if buffers else None,
         )
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         self.snapshot = OptimizerSnapshot(trainer.optimizers[0], schedulers)

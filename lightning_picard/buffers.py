@@ -1,0 +1,103 @@
+"""Step-dependent module buffers that are Picard state: they travel with the anchor and the guesses."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from lightning_picard.resize import unproject
+
+
+class ModuleBuffers:
+    """Reads and writes a module's Picard buffers by name.
+
+    Args:
+        module: the module owning the buffers.
+        in_error: buffer name → whether its difference counts in the Picard error.
+    """
+
+    def __init__(self, module: torch.nn.Module, in_error: Mapping[str, bool]) -> None:
+        self.module = module
+        self.in_error = dict(in_error)
+        for name in self.in_error:
+            try:
+                module.get_buffer(name)
+            except AttributeError as error:
+                raise ValueError(
+                    f"picard_buffers() names {name!r}, which is not a buffer of the module. Register it with "
+                    f"register_buffer and give its full dotted name (names: {_buffer_names(module)[:8]})."
+                ) from error
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.in_error)
+
+    def live(self) -> dict[str, torch.Tensor]:
+        """The module's current buffer tensors (not copies)."""
+        return {name: self.module.get_buffer(name) for name in self.in_error}
+
+    def copy(self, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Copies of the current buffers, written into ``into``'s tensors where shapes match."""
+        out = {} if into is None else into
+        for name, value in self.live().items():
+            _store(out, name, value)
+        return out
+
+    def load(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Set the module's buffers to ``values`` (in place when the shape is unchanged)."""
+        for name, value in values.items():
+            current = self.module.get_buffer(name)
+            if current.shape == value.shape and current.dtype == value.dtype:
+                current.copy_(value)
+            else:
+                owner, _, leaf = name.rpartition(".")
+                setattr(self.module.get_submodule(owner), leaf, value.clone())
+
+    def squared_difference(
+        self, other: Mapping[str, torch.Tensor], maps: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor | None, int]:
+        """‖current − other‖² over the buffers counted in the error (float64 on the device) and their size.
+
+        ``maps`` gives, for resized buffers, the row of ``other`` standing for each current row (``unproj``).
+        """
+        total, numel = None, 0
+        for name, counted in self.in_error.items():
+            if not counted:
+                continue
+            current = self.module.get_buffer(name)
+            theirs = other[name]
+            if maps is not None and name in maps:
+                theirs = unproject(theirs.to(torch.float64), maps[name], missing=math.nan)
+            numel += current.numel()
+            if current.shape != theirs.shape:
+                term = torch.tensor(float("nan"), dtype=torch.float64, device=current.device)
+            else:
+                term = (current.to(torch.float64) - theirs.to(torch.float64)).square().sum()
+            total = term if total is None else total + term
+        return total, numel
+
+
+def copy_buffers(
+    values: Mapping[str, torch.Tensor], into: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Copies of ``values``, written into ``into``'s tensors where shapes match."""
+    out = {} if into is None else into
+    for name, value in values.items():
+        _store(out, name, value)
+    for name in [k for k in out if k not in values]:
+        del out[name]
+    return out
+
+
+def _store(out: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    existing = out.get(name)
+    if existing is not None and existing.shape == value.shape and existing.dtype == value.dtype:
+        existing.copy_(value)
+    else:
+        out[name] = value.detach().clone()
+
+
+def _buffer_names(module: torch.nn.Module) -> list[str]:
+    return [name for name, _ in module.named_buffers()]
