@@ -298,6 +298,9 @@ class PicardEpochLoop(_TrainingEpochLoop):
             flat.write_gradients(gradient)
             row[_NONFINITE] = (~torch.isfinite(gradient[flat.header :])).any()
             output = result.asdict()
+            # Drop the graph before the next slot: its leaf nodes remember the parameters' shapes, and the
+            # next slot's guess may have other shapes (a module that changes dimensions).
+            del step_output, result
         window.load(0)
         return output, None
 

@@ -350,6 +350,8 @@ class PicardWindow:
         init: how new slots are guessed: ``"copy"`` the last replayed state, or ``"extrapolate"`` by
             continuing the replay with the latest gradient.
         buffers: module buffers that are Picard state (carried with every row), if any.
+        resizable: whether updates may change the parameters' shapes or storage (the module has a step hook);
+            if not, the per-step resize bookkeeping is skipped.
     """
 
     def __init__(
@@ -361,8 +363,10 @@ class PicardWindow:
         aggregate: Aggregate = "median",
         init: Initializer = "copy",
         buffers: ModuleBuffers | None = None,
+        resizable: bool = True,
     ) -> None:
         self.flat = flat
+        self.resizable = resizable
         self.window_size = window_size
         self.threshold = float(threshold)
         self.ema_decay = float(ema_decay)
@@ -539,6 +543,9 @@ class PicardWindow:
         layout, evaluated_lineage = evaluated
         maps = row_maps(evaluated_lineage, lineage) if (evaluated_lineage or lineage) else None
         self.flat.load_gradients(gradient, present, layout, maps)
+        if not self.resizable:
+            update()
+            return lineage
         rows_before = {name: _rows(shape) for name, shape in self._shapes().items()}
         shapes_before = self._shapes()
         report = update()

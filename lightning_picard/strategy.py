@@ -174,6 +174,7 @@ class PicardStrategy(DDPStrategy):
             self.aggregate,
             self.init,
             buffers=ModuleBuffers(module, buffers) if buffers else None,
+            resizable=callable(getattr(module, "picard_after_optimizer_step", None)),
         )
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         self.snapshot = OptimizerSnapshot(trainer.optimizers[0], schedulers)
