@@ -428,10 +428,8 @@ class PicardWindow:
         copy_buffers(source.buffers, target.buffers)
         target.lineage = source.lineage
 
-    def reset_to(self, params: torch.Tensor | None = None) -> None:
-        """Make every row equal to ``params`` (default: the module's current parameters) and buffers."""
-        if params is not None:
-            self.flat.flat.copy_(params)
+    def reset_to(self) -> None:
+        """Make every row equal to the module's current parameters and Picard buffers."""
         for row in self._rows:
             self._record(row, ())
         self._start = 0
@@ -546,11 +544,10 @@ class PicardWindow:
         if not self.resizable:
             update()
             return lineage
-        rows_before = {name: _rows(shape) for name, shape in self._shapes().items()}
-        shapes_before = self._shapes()
+        before = self._shapes()
         report = update()
         self.flat.absorb()
-        event = self._resize_event(report, step, rows_before, shapes_before, self._shapes())
+        event = self._resize_event(report, step, before, self._shapes())
         return lineage if event is None else (*lineage, event)
 
     def _shapes(self) -> dict[str, torch.Size]:
@@ -564,10 +561,10 @@ class PicardWindow:
         self,
         report: Resize | None,
         step: int,
-        rows_before: dict[str, int],
         before: dict[str, torch.Size],
         after: dict[str, torch.Size],
     ) -> ResizeEvent | None:
+        """Validate a module's resize report against the shapes before and after the update."""
         report = dict(report or {})
         unknown = [name for name in report if name not in before]
         if unknown:
@@ -587,12 +584,10 @@ class PicardWindow:
         if not report:
             return None
         parents = {
-            name: check_parents(
-                name, value, rows_before[name], after[name][0] if len(after[name]) else 1, step
-            )
+            name: check_parents(name, value, _rows(before[name]), _rows(after[name]), step)
             for name, value in report.items()
         }
-        return ResizeEvent(step, parents, {name: rows_before[name] for name in parents})
+        return ResizeEvent(step, parents, {name: _rows(before[name]) for name in parents})
 
     def _squared_error(self, target: _Row, lineage: Lineage) -> tuple[torch.Tensor, int]:
         """‖replayed − guess‖² (after mapping the guess onto the replayed rows) and the number of values."""
