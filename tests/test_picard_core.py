@@ -203,3 +203,22 @@ def test_squared_norm_never_rounds_a_real_difference_to_zero():
     x = torch.randn(10_000)
     assert squared_norm(x).item() == pytest.approx(x.double().square().sum().item(), rel=1e-5)
     assert squared_norm(x.to(torch.bfloat16)).dtype == torch.float64
+
+
+def test_window_state_round_trips_and_the_earlier_tensor_format_still_loads():
+    params = _params()
+    flat = FlatParameters(params)
+    window = PicardWindow(flat, 2, 1e-3, ema_decay=0.9)
+    window._row(1).values.add_(1.0)
+    state = window.state_dict()
+    restored = PicardWindow(flat, 2, 0.0, ema_decay=0.9)
+    assert "restored 2 guesses" in restored.load_state_dict(state)
+    assert torch.equal(restored.guess(1), window.guess(1)) and restored.threshold == 1e-3
+
+    earlier = {"guesses": torch.stack([window.guess(j) for j in range(3)]), "threshold": 0.5, "rounds": 4}
+    assert "restored" in restored.load_state_dict(earlier)
+    assert torch.equal(restored.guess(1), window.guess(1)) and restored.rounds == 4
+
+    other = PicardWindow(flat, 3, 0.0, ema_decay=0.9)
+    assert "re-initialised" in other.load_state_dict(state)
+    assert torch.equal(other.guess(2), flat.flat)
