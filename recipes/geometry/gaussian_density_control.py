@@ -6,16 +6,30 @@ the new tensors together with the parent index map ``parents`` (row i of the new
 row ``parents[i]`` of the old one) and the rows whose Adam moments restart from zero, so a Picard
 replay can map gradients and guesses of the old size onto the new one (``old[parents]``) and resize
 the optimizer state exactly as DreamGaussian does (kept rows keep their moments, new rows get zeros).
+
+Under ``lightning_picard`` a LightningModule runs :meth:`GaussianDensityControl.after_optimizer_step` in
+its ``picard_after_optimizer_step`` hook and returns :func:`resize_report` of the changes: the parameters
+are resized in place and the densification statistics are module buffers that the module declares in
+``picard_buffers()`` (:meth:`GaussianDensityControl.statistics_buffers`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from recipes.geometry.gaussians import PARAMETER_NAMES, inverse_sigmoid, quaternion_to_rotation
+from recipes.geometry.gaussians import (
+    PARAMETER_NAMES,
+    inverse_sigmoid,
+    quaternion_to_rotation,
+    resize_rows_to_state_dict,
+)
+
+STATISTICS = ("grad_norm_sum", "count", "max_radii")
+"""Names of the per-Gaussian statistics (:class:`DensificationStats` fields, buffers of :class:`GaussianDensityControl`)."""
 
 
 @dataclass
@@ -101,6 +115,7 @@ class DimensionChange:
         fresh: ``[N_new]`` True where the row is new (clone or split child): Adam moments start at zero.
         reset: names of tensors whose optimizer moments are zeroed entirely (opacity reset).
         stats: the statistics for the new rows.
+        rows_before: number of Gaussians before the change (``None`` if unknown).
     """
 
     tensors: dict[str, Tensor]
@@ -108,6 +123,12 @@ class DimensionChange:
     fresh: Tensor
     stats: DensificationStats
     reset: frozenset[str] = field(default_factory=frozenset)
+    rows_before: int | None = None
+
+    @property
+    def keeps_rows(self) -> bool:
+        """Whether every row stays where it was (``parents`` is the identity), as in an opacity reset."""
+        return _is_identity(self.parents, self.rows_before)
 
     def unproject(self, old: Tensor) -> Tensor:
         """Map a per-Gaussian tensor of the old size (a gradient, a guess) onto the new rows."""
@@ -177,6 +198,7 @@ def densify_and_prune(
         parents=parents[keep],
         fresh=fresh[keep],
         stats=DensificationStats.zeros(int(keep.sum()), device=device),
+        rows_before=n,
     )
 
 
@@ -195,6 +217,7 @@ def prune(
         parents=rows,
         fresh=torch.zeros(rows.shape[0], dtype=torch.bool, device=keep.device),
         stats=stats.select(keep.to(stats.count.device)),
+        rows_before=keep.shape[0],
     )
 
 
@@ -212,34 +235,49 @@ def reset_opacity(
         fresh=torch.zeros(n, dtype=torch.bool, device=tensors["means"].device),
         stats=stats,
         reset=frozenset({"opacity_logits"}),
+        rows_before=n,
     )
 
 
 def remap_optimizer(
     optimizer: torch.optim.Optimizer,
-    old: dict[str, torch.nn.Parameter],
-    new: dict[str, torch.nn.Parameter],
+    old: Mapping[str, nn.Parameter],
+    new: Mapping[str, nn.Parameter],
     change: DimensionChange,
 ) -> None:
-    """Point ``optimizer`` at the ``new`` parameters and resize its per-row state like DreamGaussian.
+    """Resize ``optimizer``'s per-row state of the Gaussians' parameters like DreamGaussian.
 
-    Tensors in the state with one row per Gaussian (Adam's ``exp_avg``, ``exp_avg_sq``) are gathered
-    through ``change.parents`` with fresh rows zeroed (all rows for tensors in ``change.reset``);
-    scalar entries such as ``step`` are kept. State is copied, never aliased.
+    ``old`` and ``new`` are :meth:`~recipes.geometry.gaussians.Gaussians.parameter_dict` before and after
+    ``change`` was loaded. With :meth:`~recipes.geometry.gaussians.Gaussians.load_tensors`, which resizes in
+    place, both hold the same ``nn.Parameter`` objects and the state stays keyed by them: this is what the
+    Picard protocol requires. (If ``new`` holds other objects, the param groups are pointed at them and the
+    state moves over.)
+
+    State tensors with one row per Gaussian (shaped like the parameter apart from dim 0, with
+    ``change.rows_before`` rows: Adam's ``exp_avg``, ``exp_avg_sq``) are gathered through ``change.parents``
+    with fresh rows zeroed (all rows for tensors in ``change.reset``); other entries such as ``step`` are
+    kept. The state is copied, never aliased.
     """
     for name, old_param in old.items():
         new_param = new[name]
-        for group in optimizer.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p is old_param:
-                    group["params"][i] = new_param
+        if new_param is not old_param:
+            for group in optimizer.param_groups:
+                for i, p in enumerate(group["params"]):
+                    if p is old_param:
+                        group["params"][i] = new_param
         state = optimizer.state.pop(old_param, None)
         if not state:
             continue
         resized = {}
         for key, value in state.items():
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == old_param.shape[0]:
-                value = change.unproject(value).clone()
+            if _per_row(value, new_param):
+                if change.rows_before is not None and value.shape[0] != change.rows_before:
+                    raise ValueError(
+                        f"The optimizer state {key!r} of {name!r} has {value.shape[0]} rows but the change "
+                        f"starts from {change.rows_before} Gaussians: remap the optimizer once per change, "
+                        "right after loading it."
+                    )
+                value = change.unproject(value)  # advanced indexing: a copy
                 if name in change.reset:
                     value.zero_()
                 else:
@@ -250,50 +288,152 @@ def remap_optimizer(
         optimizer.state[new_param] = resized
 
 
-class GaussianDensityControl:
+def resize_report(
+    changes: Sequence[DimensionChange], prefix: str = "", stats_prefix: str | None = None
+) -> dict[str, Tensor]:
+    """The ``{name: parents}`` that ``picard_after_optimizer_step`` returns for ``changes`` applied in order.
+
+    The parents of successive changes compose (``parents_first[parents_second]``), so the report relates
+    the rows after the last change to those before the first. The names are ``prefix + name`` for every
+    tensor in :data:`~recipes.geometry.gaussians.PARAMETER_NAMES` (``prefix`` is the Gaussians' path in the
+    LightningModule followed by a dot, e.g. ``"gaussians."``) and, with ``stats_prefix``, ``stats_prefix +
+    name`` for the statistics buffers of :class:`GaussianDensityControl` (:data:`STATISTICS`), which are
+    resized with the rows. All names share one int64 tensor.
+
+    Returns ``{}`` when the rows did not change: no change, or only changes that keep every row in place
+    such as the opacity reset (a value change needs no report).
+    """
+    if not changes:
+        return {}
+    parents = changes[0].parents
+    for change in changes[1:]:
+        parents = parents[change.parents.to(parents.device)]
+    if _is_identity(parents, changes[0].rows_before):
+        return {}
+    parents = parents.to(torch.int64)
+    names = [prefix + name for name in PARAMETER_NAMES]
+    if stats_prefix is not None:
+        names += [stats_prefix + name for name in STATISTICS]
+    return dict.fromkeys(names, parents)
+
+
+class GaussianDensityControl(nn.Module):
     """Runs :class:`DensificationSchedule` on a :class:`~recipes.geometry.gaussians.Gaussians` and its optimizer.
 
     Call :meth:`observe` after each backward with the render's screen-space mean gradient and radii,
-    then :meth:`after_optimizer_step` with the number of completed steps; this is the hook the Picard
-    replay runs after the optimizer step of each step.
+    then :meth:`after_optimizer_step` with the number of completed steps. Under Picard both go in the
+    module's ``picard_after_optimizer_step`` (the replay runs it; ``training_step`` runs on guesses and
+    is not replayed), so the statistics there can only come from what the hook sees: the step's
+    parameter gradients.
+
+    The statistics are the buffers :data:`STATISTICS` of this module (``[N]`` each; :attr:`stats` views
+    them), so a LightningModule that holds the control as a submodule can declare them as Picard state
+    (:meth:`statistics_buffers`); they are also saved in its checkpoints, and a state dict with another
+    number of Gaussians loads.
+
+    Args:
+        schedule: when to densify, prune and reset; DreamGaussian's defaults if ``None``.
+        num_points: number of Gaussians to size the statistics for. Under Picard pass ``len(gaussians)``:
+            the buffers must not change size outside a reported resize. With 0 they are sized by the
+            first :meth:`observe`.
     """
 
-    def __init__(self, schedule: DensificationSchedule | None = None) -> None:
+    grad_norm_sum: Tensor
+    count: Tensor
+    max_radii: Tensor
+
+    def __init__(self, schedule: DensificationSchedule | None = None, num_points: int = 0) -> None:
+        super().__init__()
         self.schedule = schedule or DensificationSchedule()
-        self.stats: DensificationStats | None = None
+        for name in STATISTICS:
+            self.register_buffer(name, torch.zeros(num_points))
+        self.register_load_state_dict_pre_hook(resize_rows_to_state_dict)
+
+    @property
+    def stats(self) -> DensificationStats | None:
+        """The statistics (views of the buffers), or ``None`` while they have no rows."""
+        if self.count.shape[0] == 0:
+            return None
+        return DensificationStats(self.grad_norm_sum, self.count, self.max_radii)
+
+    @stats.setter
+    def stats(self, stats: DensificationStats | None) -> None:
+        """Copy ``stats`` into the buffers (in place when shape, dtype and device agree); ``None`` empties them."""
+        for name in STATISTICS:
+            current = getattr(self, name)
+            value = current.new_zeros(0) if stats is None else getattr(stats, name).detach()
+            if (
+                value.shape == current.shape
+                and value.dtype == current.dtype
+                and value.device == current.device
+            ):
+                if value is not current:
+                    current.copy_(value)
+            else:
+                setattr(self, name, value.clone())
+
+    def statistics_buffers(self, prefix: str = "", in_error: bool = True) -> dict[str, bool]:
+        """``{prefix + name: in_error}`` for the statistics buffers: merge into ``picard_buffers()``.
+
+        ``prefix`` is this module's path in the LightningModule followed by a dot (e.g. ``"density."``).
+        """
+        return {prefix + name: in_error for name in STATISTICS}
 
     def observe(self, step: int, means2d_grad: Tensor, radii: Tensor, width: int, height: int) -> None:
         """Accumulate statistics of the view rendered at ``step`` (1-based) when the schedule collects them."""
         if not self.schedule.collects_statistics(step):
             return
-        if self.stats is None or self.stats.count.shape[0] != means2d_grad.shape[0]:
-            self.stats = DensificationStats.zeros(means2d_grad.shape[0], means2d_grad.device)
-        self.stats = self.stats.accumulate(means2d_grad.detach(), radii.detach(), width, height)
+        stats = self.stats
+        if stats is None or stats.count.shape[0] != means2d_grad.shape[0]:
+            stats = DensificationStats.zeros(means2d_grad.shape[0], means2d_grad.device)
+        self.stats = stats.accumulate(means2d_grad.detach(), radii.detach(), width, height)
 
     def after_optimizer_step(
         self, gaussians, optimizer: torch.optim.Optimizer, step: int
     ) -> list[DimensionChange]:
-        """Densify/prune and reset opacity if the schedule says so at ``step``; returns the changes applied in order."""
+        """Densify/prune and reset opacity if the schedule says so at ``step``; returns the changes applied in order.
+
+        Pass the changes to :func:`resize_report` for the Picard hook's return value.
+        """
         changes = []
-        n = len(gaussians)
-        stats = self.stats if self.stats is not None else DensificationStats.zeros(n, gaussians.means.device)
         if self.schedule.densifies_at(step):
+            stats = self._stats_for(gaussians)
             changes.append(densify_and_prune(_detached(gaussians), stats, step, self.schedule))
-            self.apply(gaussians, optimizer, changes[-1])
+            self.apply_change(gaussians, optimizer, changes[-1])
         if self.schedule.resets_opacity_at(step):
-            changes.append(
-                reset_opacity(_detached(gaussians), self.stats or DensificationStats.zeros(len(gaussians)))
-            )
-            self.apply(gaussians, optimizer, changes[-1])
+            changes.append(reset_opacity(_detached(gaussians), self._stats_for(gaussians)))
+            self.apply_change(gaussians, optimizer, changes[-1])
         return changes
 
-    def apply(self, gaussians, optimizer: torch.optim.Optimizer | None, change: DimensionChange) -> None:
-        """Load ``change`` into the module (new parameters) and the optimizer (resized state)."""
+    def _stats_for(self, gaussians) -> DensificationStats:
+        """The statistics, or zeros when there are none for the current number of Gaussians."""
+        stats = self.stats
+        if stats is None or stats.count.shape[0] != len(gaussians):
+            return DensificationStats.zeros(len(gaussians), gaussians.means.device)
+        return stats
+
+    def apply_change(
+        self, gaussians, optimizer: torch.optim.Optimizer | None, change: DimensionChange
+    ) -> None:
+        """Load ``change`` into the Gaussians (in place, same parameters), the optimizer (resized state) and
+        the statistics. (Not named ``apply``: that is ``nn.Module.apply``.)"""
         old = gaussians.parameter_dict()
         new = gaussians.load_tensors(change.tensors)
         if optimizer is not None:
             remap_optimizer(optimizer, old, new, change)
         self.stats = change.stats
+
+
+def _per_row(value: object, param: Tensor) -> bool:
+    """Whether an optimizer state entry has one row per Gaussian (shaped like ``param`` apart from dim 0)."""
+    return torch.is_tensor(value) and value.dim() == param.dim() > 0 and value.shape[1:] == param.shape[1:]
+
+
+def _is_identity(parents: Tensor, rows_before: int | None) -> bool:
+    """Whether ``parents`` keeps ``rows_before`` rows in place (``False`` when ``rows_before`` is unknown)."""
+    if rows_before is None or parents.shape[0] != rows_before:
+        return False
+    return bool(torch.equal(parents, torch.arange(rows_before, device=parents.device)))
 
 
 def _detached(gaussians) -> dict[str, Tensor]:

@@ -3,12 +3,16 @@
 The scene is five parameter tensors over N Gaussians (``means``, ``sh_dc``, ``opacity_logits``,
 ``log_scales``, ``quats``); activations turn them into what a splatter consumes. Everything that
 changes N (densify, prune) lives in :mod:`recipes.geometry.gaussian_density_control` and works on the
-plain ``dict`` of these tensors, so the Picard replay can run it as a pure function.
+plain ``dict`` of these tensors, so the Picard replay can run it as a pure function. A new N is loaded
+*in place* (:meth:`Gaussians.load_tensors` reassigns ``param.data``): the ``nn.Parameter`` objects never
+change, as ``lightning_picard``'s ``picard_after_optimizer_step`` protocol requires, and a state dict with
+another number of Gaussians loads into an existing module.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +67,34 @@ def mean_sq_distance_to_neighbours(points: Tensor, k: int = 3, chunk: int = 1024
         nearest = d2.topk(min(k + 1, points.shape[0]), dim=1, largest=False).values[:, 1:]
         out.append(nearest.mean(dim=1))
     return torch.cat(out)
+
+
+def resize_rows_to_state_dict(module: nn.Module, state_dict: Mapping[str, Tensor], prefix: str, *_) -> None:
+    """``load_state_dict`` pre-hook: give ``module``'s own parameters and buffers the row count of the incoming ones.
+
+    Only tensors whose number of rows (dim 0) differs and whose other dimensions agree are resized, in place
+    (``param.data = …``, the ``nn.Parameter`` objects are kept; a resized parameter's ``.grad`` is cleared);
+    ``load_state_dict`` then copies the values. Any other mismatch is left for ``load_state_dict`` to report.
+    Register with ``module.register_load_state_dict_pre_hook(resize_rows_to_state_dict)``.
+    """
+    for name, param in module.named_parameters(recurse=False):
+        incoming = state_dict.get(prefix + name)
+        if _other_rows(incoming, param):
+            param.data = param.data.new_empty(incoming.shape)
+            param.grad = None
+    for name, buffer in module.named_buffers(recurse=False):
+        incoming = state_dict.get(prefix + name)
+        if _other_rows(incoming, buffer):
+            setattr(module, name, buffer.new_empty(incoming.shape))
+
+
+def _other_rows(incoming: object, current: Tensor) -> bool:
+    return (
+        isinstance(incoming, Tensor)
+        and incoming.dim() == current.dim() > 0
+        and incoming.shape[1:] == current.shape[1:]
+        and incoming.shape[0] != current.shape[0]
+    )
 
 
 def sample_ball(num_points: int, radius: float, generator: torch.Generator) -> Tensor:
@@ -155,6 +187,7 @@ class Gaussians(nn.Module):
         self.opacity_logits = nn.Parameter(inverse_sigmoid(torch.full((num_points,), init_opacity)))
         self.log_scales = nn.Parameter(torch.log(scale)[:, None].repeat(1, 3))
         self.quats = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(num_points, 1))
+        self.register_load_state_dict_pre_hook(resize_rows_to_state_dict)
 
     def __len__(self) -> int:
         return self.means.shape[0]
@@ -181,10 +214,25 @@ class Gaussians(nn.Module):
         """The five parameter tensors keyed by name (the state densify/prune transforms)."""
         return {name: getattr(self, name) for name in PARAMETER_NAMES}
 
-    def load_tensors(self, tensors: dict[str, Tensor]) -> dict[str, nn.Parameter]:
-        """Replace every parameter by a new ``nn.Parameter`` holding ``tensors[name]`` (sizes may change)."""
+    def load_tensors(self, tensors: Mapping[str, Tensor]) -> dict[str, nn.Parameter]:
+        """Set every parameter to a copy of ``tensors[name]`` in place; the number of Gaussians may change.
+
+        The ``nn.Parameter`` objects are kept (``param.data`` is reassigned), so an optimizer's param groups
+        and Picard keep referring to the live parameters; resize the optimizer's state with
+        :func:`~recipes.geometry.gaussian_density_control.remap_optimizer`. Every ``.grad`` is cleared (it
+        belongs to the old values). Values are copied (never aliased) in the parameters' dtype and device.
+        Returns :meth:`parameter_dict`.
+        """
+        missing = [name for name in PARAMETER_NAMES if name not in tensors]
+        if missing:
+            raise KeyError(f"load_tensors needs every tensor of {PARAMETER_NAMES}; missing {missing}.")
+        rows = {name: tensors[name].shape[0] for name in PARAMETER_NAMES}
+        if len(set(rows.values())) != 1:
+            raise ValueError(f"load_tensors got tensors with different numbers of Gaussians: {rows}.")
         for name in PARAMETER_NAMES:
-            setattr(self, name, nn.Parameter(tensors[name].detach().clone()))
+            param = getattr(self, name)
+            param.data = tensors[name].detach().to(device=param.device, dtype=param.dtype, copy=True)
+            param.grad = None
         return self.parameter_dict()
 
     def param_groups(self, lrs: GaussianLearningRates) -> list[dict]:

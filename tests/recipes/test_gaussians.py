@@ -1,23 +1,31 @@
-"""3D Gaussians: DreamGaussian init and learning rates, the torch splatter, densify/prune with its index map."""
+"""3D Gaussians: DreamGaussian init and learning rates, the torch splatter, densify/prune with its index map,
+and densification under Picard (in-place resizes, the resize report, an exact run against the sequential one)."""
 
 from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_picard as lp
 from recipes.data.cameras import cameras_from_spherical
 from recipes.geometry.gaussian_density_control import (
+    STATISTICS,
     DensificationSchedule,
     DensificationStats,
     GaussianDensityControl,
     densify_and_prune,
     prune,
+    remap_optimizer,
     reset_opacity,
+    resize_report,
 )
 from recipes.geometry.gaussians import PARAMETER_NAMES, GaussianLearningRates, Gaussians, rgb_to_sh_dc
 from recipes.render.gaussians_raster import rasterize_gaussians, render_gaussians, resolve_backend
+from tests.toy import quiet_trainer_kwargs
 
 
 def one_camera(size: int = 32, distance: float = 2.0, fovy_deg: float = 40.0, elevation: float = 20.0):
@@ -202,35 +210,250 @@ def test_prune_uses_screen_radius_and_world_size():
     assert not change.fresh.any()
 
 
-def test_optimizer_state_is_resized_like_dreamgaussian():
+def stepped_gaussians() -> tuple[Gaussians, torch.optim.Adam]:
+    """Gaussians holding :func:`toy_state` after one Adam step (so every parameter has moments)."""
     g = Gaussians(num_points=8)
     g.load_tensors(toy_state())
     optimizer, _ = g.configure_optimizer(GaussianLearningRates())
     for p in g.parameters():
-        p.grad = torch.ones_like(p)
+        p.grad = torch.rand(p.shape, generator=torch.Generator().manual_seed(p.dim())) + 0.5
     optimizer.step()
+    return g, optimizer
+
+
+def test_load_tensors_resizes_in_place_copies_and_clears_gradients():
+    g = Gaussians(num_points=8)
+    before = g.parameter_dict()
+    for p in g.parameters():
+        p.grad = torch.ones_like(p)
+    state = toy_state(5)
+    returned = g.load_tensors(state)
+    assert len(g) == 5 and returned.keys() == before.keys()
+    assert all(returned[name] is before[name] for name in PARAMETER_NAMES)  # the same nn.Parameter objects
+    for name in PARAMETER_NAMES:
+        p = getattr(g, name)
+        assert torch.equal(p, state[name]) and p.grad is None and p.requires_grad
+        assert p.data_ptr() != state[name].data_ptr()  # copied, not aliased
+    with pytest.raises(ValueError, match="different numbers"):
+        g.load_tensors({**toy_state(5), "quats": toy_state(4)["quats"]})
+
+
+def test_densify_keeps_the_parameters_and_resizes_the_optimizer_state_like_dreamgaussian():
+    g, optimizer = stepped_gaussians()
     old = g.parameter_dict()
     old_state = {name: {k: v.clone() for k, v in optimizer.state[p].items()} for name, p in old.items()}
-    control = GaussianDensityControl(DensificationSchedule())
+    control = GaussianDensityControl(DensificationSchedule(), num_points=8)
     control.stats = toy_stats()
     changes = control.after_optimizer_step(g, optimizer, step=50)
     assert len(changes) == 1
     change = changes[0]
+    assert change.rows_before == 8
     new = g.parameter_dict()
-    assert len(g) == 12 and all(p is not old[n] for n, p in new.items())
-    assert [group["params"][0] for group in optimizer.param_groups] == list(new.values())
+    assert len(g) == 12 and all(p is old[n] for n, p in new.items())  # resized in place
+    assert [group["params"][0] for group in optimizer.param_groups] == list(old.values())
+    assert len(optimizer.state) == len(PARAMETER_NAMES)
     for name, p in new.items():
         state = optimizer.state[p]
-        assert old[name] not in optimizer.state
         assert torch.equal(state["step"], old_state[name]["step"])
         for key in ("exp_avg", "exp_avg_sq"):
+            assert state[key].shape == p.shape
             kept = ~change.fresh
-            torch.testing.assert_close(state[key][kept], old_state[name][key][change.parents[kept]])
+            assert torch.equal(state[key][kept], old_state[name][key][change.parents[kept]])
+            assert old_state[name][key][change.parents[change.fresh]].abs().sum() > 0  # so zeroing shows
             assert state[key][change.fresh].abs().sum() == 0
             assert state[key].data_ptr() != old_state[name][key].data_ptr()
     g.means.sum().backward()
     optimizer.step()  # shapes line up after the surgery
     assert control.stats is not None and control.stats.count.shape == (12,)
+    assert control.count.shape == (12,)  # the statistics are the module's buffers
+
+
+def test_remap_optimizer_still_moves_state_onto_new_parameter_objects():
+    g, optimizer = stepped_gaussians()
+    old = g.parameter_dict()
+    moments = {name: optimizer.state[p]["exp_avg"].clone() for name, p in old.items()}
+    change = densify_and_prune(toy_state(), toy_stats(), step=50, schedule=DensificationSchedule())
+    new = {name: torch.nn.Parameter(change.tensors[name].clone()) for name in PARAMETER_NAMES}
+    remap_optimizer(optimizer, old, new, change)
+    assert [group["params"][0] for group in optimizer.param_groups] == list(new.values())
+    for name, p in new.items():
+        assert old[name] not in optimizer.state
+        expected = moments[name][change.parents]
+        expected[change.fresh] = 0
+        assert torch.equal(optimizer.state[p]["exp_avg"], expected)
+    with pytest.raises(ValueError, match="once per change"):  # a second remap of the same change
+        remap_optimizer(optimizer, new, new, change)
+
+
+def test_resize_report_composes_successive_changes_like_applying_them_one_by_one():
+    g, optimizer = stepped_gaussians()
+    original = {name: t.detach().clone() for name, t in g.parameter_dict().items()}
+    control = GaussianDensityControl(DensificationSchedule(), num_points=8)
+    control.stats = toy_stats()
+    schedule = DensificationSchedule()
+    row_id = torch.arange(8.0) * 10 + 3  # any per-Gaussian tensor, carried through each change separately
+    changes = []
+    for make in (
+        lambda t: densify_and_prune(t, control.stats, 50, schedule),
+        lambda t: prune(t, control.stats, schedule, extent=1.0),  # drops the large ones, keeps some clones
+        lambda t: reset_opacity(t, control.stats),
+    ):
+        changes.append(make({name: p.detach() for name, p in g.parameter_dict().items()}))
+        control.apply_change(g, optimizer, changes[-1])
+        row_id = changes[-1].unproject(row_id)
+    assert [c.rows_before for c in changes] == [8, 12, len(g)] and 0 < len(g) < 12
+
+    report = resize_report(changes, "gaussians.", "density.")
+    assert set(report) == {f"gaussians.{n}" for n in PARAMETER_NAMES} | {f"density.{n}" for n in STATISTICS}
+    parents = report["gaussians.means"]
+    assert parents.dtype == torch.int64 and parents.shape == (len(g),)
+    assert all(torch.equal(p, parents) for p in report.values())
+    assert torch.equal(parents, changes[0].parents[changes[1].parents])  # the reset keeps rows in place
+    assert torch.equal(torch.arange(8.0)[parents] * 10 + 3, row_id)
+    for name in ("sh_dc", "quats"):  # only ever gathered, so they follow the composed parents
+        assert torch.equal(getattr(g, name), original[name][parents])
+    assert resize_report(changes[:2], "g.").keys() == {f"g.{n}" for n in PARAMETER_NAMES}
+    assert torch.equal(resize_report(changes[:2], "g.")["g.quats"], parents)
+
+
+def test_resize_report_is_empty_when_no_row_moves():
+    state = toy_state()
+    reset = reset_opacity(state, toy_stats())
+    nothing = densify_and_prune(state, DensificationStats.zeros(8), 50, DensificationSchedule(extent=100.0))
+    assert nothing.keeps_rows and reset.keeps_rows
+    assert resize_report([], "gaussians.") == {}
+    assert resize_report([nothing, reset], "gaussians.", "density.") == {}
+    # the same number of rows in another order is a change
+    swapped = prune(state, toy_stats(), DensificationSchedule(), extent=100.0)
+    swapped.parents = swapped.parents.flip(0)
+    assert not swapped.keeps_rows and len(resize_report([swapped], "g.")) == len(PARAMETER_NAMES)
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, num_points: int, seed: int) -> None:
+        super().__init__()
+        self.gaussians = Gaussians(num_points=num_points, seed=seed)
+        self.density = GaussianDensityControl(num_points=num_points)
+
+
+def test_a_state_dict_with_another_number_of_gaussians_loads_in_place():
+    small, big = _Holder(5, seed=0), _Holder(9, seed=1)
+    big.density.stats = DensificationStats(torch.rand(9), torch.ones(9), torch.rand(9))
+    parameters = dict(small.named_parameters())
+    for p in small.parameters():
+        p.grad = torch.ones_like(p)
+    small.load_state_dict(big.state_dict())
+    assert len(small.gaussians) == 9
+    for name, p in small.named_parameters():
+        assert p is parameters[name] and p.grad is None
+        assert torch.equal(p, big.get_parameter(name))
+    for name, b in small.named_buffers():
+        assert torch.equal(b, big.get_buffer(name))
+    with pytest.raises(RuntimeError, match="size mismatch"):  # other mismatches are still reported
+        small.gaussians.load_state_dict({**big.gaussians.state_dict(), "quats": torch.zeros(9, 3)})
+
+
+STEPS = 12
+
+
+class GaussianFit(pl.LightningModule):
+    """A dozen Gaussians pulled towards four jittered points; densified, pruned and reset in the step hook.
+
+    The loss raises the opacity of Gaussians near a target and lowers it elsewhere. The densification
+    statistic is the norm of the step's gradient of the means' x, y (standing in for the screen-space
+    gradient, which the replay does not see), accumulated in the hook into the control's buffers, which are
+    Picard buffers. Densify+prune every 3 steps, an opacity reset at step 9 (after a densify of that step).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gaussians = Gaussians(num_points=12, radius=0.5, init_opacity=0.5, seed=0)
+        schedule = DensificationSchedule(
+            interval=3, opacity_reset_interval=9, grad_threshold=0.25, percent_dense=0.04
+        )
+        self.density = GaussianDensityControl(schedule, num_points=len(self.gaussians))
+        self.register_buffer("targets", torch.randn(4, 3, generator=torch.Generator().manual_seed(1)) * 0.5)
+        self.resizes: list[tuple[int, int, int]] = []
+        """(1-based step, Gaussians before, Gaussians after) of every hook call that changed something."""
+
+    def picard_buffers(self) -> dict[str, bool]:
+        return self.density.statistics_buffers("density.")
+
+    def training_step(self, batch, batch_idx):
+        g = self.gaussians
+        targets = self.targets + 0.05 * torch.randn_like(self.targets)  # seeded per step
+        nearest = (g.means[:, None] - targets[None]).square().sum(-1).min(dim=1).values
+        colour = (g.colors - 0.5).square().mean()
+        return (
+            (g.opacities * (nearest - 0.1)).sum()
+            + colour
+            + 0.1 * g.scales.sum()
+            + g.rotations[:, 1:].square().sum()
+        )
+
+    def configure_optimizers(self):
+        optimizer, scheduler = self.gaussians.configure_optimizer(
+            GaussianLearningRates(position_lr_max_steps=STEPS)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @torch.no_grad()
+    def picard_after_optimizer_step(self, step: int) -> dict[str, torch.Tensor]:
+        g = self.gaussians
+        self.density.observe(step + 1, g.means.grad[:, :2], torch.ones(len(g)), width=2, height=2)
+        before = len(g)
+        changes = self.density.after_optimizer_step(g, self.optimizers(use_pl_optimizer=False), step + 1)
+        if changes:
+            self.resizes.append((step + 1, before, len(g)))
+        return resize_report(changes, "gaussians.", "density.")
+
+
+def _fit(strategy=None, callbacks=(), devices=1) -> tuple[GaussianFit, pl.Trainer]:
+    module = GaussianFit()
+    data = DataLoader(TensorDataset(torch.arange(STEPS, dtype=torch.float32)), batch_size=1)
+    kwargs = quiet_trainer_kwargs(devices=devices, max_steps=STEPS, callbacks=list(callbacks))
+    trainer = pl.Trainer(**kwargs) if strategy is None else pl.Trainer(strategy=strategy, **kwargs)
+    trainer.fit(module, data)
+    return module, trainer
+
+
+def _assert_same_state(a: pl.LightningModule, b: pl.LightningModule) -> None:
+    ours = dict([*a.named_parameters(), *a.named_buffers()])
+    theirs = dict([*b.named_parameters(), *b.named_buffers()])
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].shape == theirs[name].shape, name
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+@pytest.fixture(scope="module")
+def sequential_fit() -> tuple[GaussianFit, pl.Trainer]:
+    return _fit(callbacks=[lp.StepSeed(0)])
+
+
+def test_densification_under_picard_reproduces_the_sequential_run_bit_for_bit(sequential_fit):
+    sequential, sequential_trainer = sequential_fit
+    # clones and splits at 3, 6 and 9 (then the opacity reset at 9, one report for both), prunes at 12
+    assert [(step, before < after) for step, before, after in sequential.resizes] == [
+        (3, True),
+        (6, True),
+        (9, True),
+        (12, False),
+    ]
+    picard, trainer = _fit(strategy=lp.PicardStrategy(window_size=3, threshold=0.0))
+    assert trainer.global_step == STEPS
+    _assert_same_state(picard, sequential)
+    optimizer, sequential_optimizer = trainer.optimizers[0], sequential_trainer.optimizers[0]
+    for p, q in zip(picard.gaussians.parameters(), sequential.gaussians.parameters()):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer.state[p][key], sequential_optimizer.state[q][key])
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_densify_exactly_and_load_the_resized_weights_back(sequential_fit):
+    # the fork launcher loads rank 0's final weights (another number of Gaussians) into this process's module
+    picard, _ = _fit(strategy=lp.PicardStrategy(window_size=4, threshold=0.0, start_method="fork"), devices=2)
+    _assert_same_state(picard, sequential_fit[0])
 
 
 def test_schedule_collects_densifies_and_resets_on_dreamgaussian_steps():
