@@ -1,9 +1,15 @@
-"""Step-dependent module buffers that are Picard state: they travel with the anchor and the guesses."""
+"""Module buffers that are Picard state: step-dependent buffers and step outputs.
+
+Step-dependent buffers (``picard_buffers()``) travel with the anchor and every guess. Step outputs
+(``picard_step_outputs()``) are buffers that ``training_step`` writes for the step hook of the same step to read
+(3D Gaussians' screen-space gradient norms and radii): they also travel with the rows, and in addition each slot's
+values are gathered with its gradient and put back in place before that step is replayed.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -16,17 +22,29 @@ class ModuleBuffers:
     Args:
         module: the module owning the buffers.
         in_error: buffer name → whether its difference counts in the Picard error.
+        outputs: names of the step outputs (carried like buffers, never in the error, and gathered per slot).
     """
 
-    def __init__(self, module: torch.nn.Module, in_error: Mapping[str, bool]) -> None:
+    def __init__(
+        self, module: torch.nn.Module, in_error: Mapping[str, bool], outputs: Sequence[str] = ()
+    ) -> None:
         self.module = module
-        self.in_error = dict(in_error)
+        self.outputs = list(outputs)
+        both = sorted(set(in_error) & set(self.outputs))
+        if both:
+            raise ValueError(
+                f"{both} are named by both picard_buffers() and picard_step_outputs(); a step output is written by "
+                "training_step and read by the step hook of the same step, a Picard buffer is state that carries "
+                "over. Name each buffer in one of them."
+            )
+        self.in_error = {**dict(in_error), **dict.fromkeys(self.outputs, False)}
         for name in self.in_error:
+            hook = "picard_step_outputs()" if name in self.outputs else "picard_buffers()"
             try:
                 module.get_buffer(name)
             except AttributeError as error:
                 raise ValueError(
-                    f"picard_buffers() names {name!r}, which is not a buffer of the module. Register it with "
+                    f"{hook} names {name!r}, which is not a buffer of the module. Register it with "
                     f"register_buffer and give its full dotted name (names: {_buffer_names(module)[:8]})."
                 ) from error
 
@@ -77,6 +95,36 @@ class ModuleBuffers:
                 term = (current.to(torch.float64) - theirs.to(torch.float64)).square().sum()
             total = term if total is None else total + term
         return total, numel
+
+    def outputs_numel(self, values: Mapping[str, torch.Tensor]) -> int:
+        """Number of step-output values in a row's buffers (what a gathered row holds after the gradients)."""
+        return sum(values[name].numel() for name in self.outputs)
+
+    def write_outputs(self, segment: torch.Tensor) -> None:
+        """Copy the module's current step outputs, flattened in order, into the start of ``segment``."""
+        offset = 0
+        for name in self.outputs:
+            value = self.module.get_buffer(name)
+            segment[offset : offset + value.numel()].copy_(value.reshape(-1))
+            offset += value.numel()
+
+    def load_outputs(
+        self,
+        segment: torch.Tensor,
+        shapes: Mapping[str, torch.Size],
+        maps: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Set the step outputs from ``segment`` (written by :meth:`write_outputs` in ``shapes``), mapped onto
+        the current rows through ``maps`` where a slot was evaluated on rows of another lineage."""
+        offset = 0
+        for name in self.outputs:
+            shape = shapes[name]
+            current = self.module.get_buffer(name)
+            value = segment[offset : offset + shape.numel()].view(shape).to(current.dtype)
+            offset += shape.numel()
+            if maps is not None and name in maps:
+                value = unproject(value, maps[name])
+            self.load({name: value})
 
 
 def copy_buffers(

@@ -24,11 +24,19 @@ All hooks are optional; a module that defines none is trained as one fixed vecto
 
     - change dimensions (densify/prune 3D Gaussians): resize parameters **in place** (``param.data = new_rows``;
       keep the Parameter objects), resize their optimizer state as the sequential code does, and return
-      ``{name: parents}`` for every parameter or Picard buffer whose number of rows changed, where
+      ``{name: parents}`` for every parameter, Picard buffer or step output whose rows changed (in number or
+      order; a prune plus a clone may keep the count), where
       ``parents[i]`` is the row of the old tensor that new row ``i`` descends from (a pruned row has no
       descendant, a clone or split child points at its parent);
     - update step-dependent buffers (occupancy grids every k steps, progressive masks, densification
       statistics) declared by ``picard_buffers``.
+
+``picard_step_outputs() -> Iterable[str]``
+    Module buffers that ``training_step`` (or a backward hook) writes for the step hook of the *same* step to
+    read: per-step data that is not a parameter gradient, such as 3D Gaussians' screen-space gradient norms and
+    radii. Under Picard each slot's values are gathered with its gradient and put back in place before that step
+    is replayed (mapped like gradients when the slot was evaluated on other rows; report them in resizes like
+    any per-row buffer). They travel in the gradient rows, in the parameters' dtype.
 
 ``picard_buffers() -> Mapping[str, bool]``
     Module buffers (full dotted names, as in ``named_buffers``) that are Picard state: each guess carries its
@@ -88,6 +96,20 @@ def picard_buffers(module: torch.nn.Module) -> dict[str, bool]:
             f"{type(declared).__name__}. Example: return {{'occupancy': False, 'grad_sum': True}}."
         )
     return {str(name): bool(counted) for name, counted in declared.items()}
+
+
+def picard_step_outputs(module: torch.nn.Module) -> list[str]:
+    """The module's ``picard_step_outputs()`` as a list of buffer names, or ``[]``."""
+    declare = getattr(module, "picard_step_outputs", None)
+    if declare is None:
+        return []
+    declared = declare()
+    if isinstance(declared, (str, Mapping)):
+        raise TypeError(
+            f"picard_step_outputs() must return buffer names (a list), got {type(declared).__name__}. Example: "
+            "return ['means2d_grad_norm', 'radii']."
+        )
+    return [str(name) for name in declared]
 
 
 def run_after_optimizer_step(

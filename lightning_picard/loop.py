@@ -297,6 +297,8 @@ class PicardEpochLoop(_TrainingEpochLoop):
             gradient = row[_STATUS_COLUMNS : _STATUS_COLUMNS + flat.row_length]
             flat.write_gradients(gradient)
             row[_NONFINITE] = (~torch.isfinite(gradient[flat.header :])).any()
+            if window.buffers is not None and window.buffers.outputs:
+                window.buffers.write_outputs(row[_STATUS_COLUMNS + flat.row_length :])
             output = result.asdict()
             # Drop the graph before the next slot: its leaf nodes remember the parameters' shapes, and the
             # next slot's guess may have other shapes (a module that changes dimensions).
@@ -387,7 +389,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
             report = run_after_optimizer_step(module, self.strategy.seed, step)
         finally:
             self._evaluating_step = None
-        if report is not None:
+        if self.strategy.window.resizable:  # a step hook ran: it must have kept the parameter objects
             self._check_parameters_unchanged(storage=False)
         return report
 

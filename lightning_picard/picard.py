@@ -261,6 +261,8 @@ def squared_norm(difference: torch.Tensor) -> torch.Tensor:
     as the smallest positive float64: an error is 0 exactly when the guess equals its replayed value, which
     keeps ``threshold=0`` exact.
     """
+    if difference.numel() == 0:  # e.g. every Gaussian pruned
+        return torch.zeros((), dtype=torch.float64, device=difference.device)
     accumulate = torch.float32 if difference.dtype in (torch.float16, torch.bfloat16) else None
     norm = torch.linalg.vector_norm(difference, dtype=accumulate).to(torch.float64).square()
     low, high = torch.aminmax(difference)  # a nonzero test ~10x cheaper than .any() on CPU
@@ -319,6 +321,15 @@ class _Row:
     layout: Layout
     buffers: dict[str, torch.Tensor]
     lineage: Lineage = ()
+
+
+@dataclass
+class _Evaluated:
+    """What a slot was evaluated on: its row's layout and lineage, and the shapes of its step outputs."""
+
+    layout: Layout
+    lineage: Lineage
+    outputs: dict[str, torch.Size]
 
 
 Resize = Mapping[str, torch.Tensor]
@@ -395,8 +406,11 @@ class PicardWindow:
         return self._row(j).values
 
     def slot_numel(self, j: int) -> int:
-        """Number of parameter values in row ``j`` (rows differ only when the module changes dimensions)."""
-        return self._row(j).values.numel()
+        """Values a gathered row of slot ``j`` carries after the presence flags: the gradients of row ``j``'s
+        parameters and its step outputs (rows differ only when the module changes dimensions)."""
+        row = self._row(j)
+        outputs = self.buffers.outputs_numel(row.buffers) if self.buffers is not None else 0
+        return row.values.numel() + outputs
 
     def load(self, j: int) -> None:
         """Set the module's parameters (and Picard buffers) to window row ``j``."""
@@ -463,7 +477,7 @@ class PicardWindow:
             raise ValueError(f"n must be in [1, {self.window_size}], got {n}")
         if presence is None:
             presence = [self.flat.presence(gradient_row(j)) for j in range(n)]
-        evaluated = [(self._row(j).layout, self._row(j).lineage) for j in range(n)]
+        evaluated = [self._evaluated(self._row(j)) for j in range(n)]
         self._round = _RoundInFlight(snapshot)
         snapshot.capture()
         errors_device = torch.zeros(n, dtype=torch.float64, device=self.flat.flat.device)
@@ -527,20 +541,26 @@ class PicardWindow:
         self._round = None
         return RoundResult(window_start=window_start, skip=skip, errors=errors, threshold=self.threshold)
 
+    def _evaluated(self, row: _Row) -> _Evaluated:
+        outputs = self.buffers.outputs if self.buffers is not None else ()
+        return _Evaluated(row.layout, row.lineage, {name: row.buffers[name].shape for name in outputs})
+
     def _replay_step(
         self,
         gradient: torch.Tensor,
         present: Sequence[bool],
-        evaluated: tuple[Layout, Lineage],
+        evaluated: _Evaluated,
         lineage: Lineage,
         update: Callable[[], Resize | None],
         step: int,
     ) -> Lineage:
         """Load a gradient onto the replayed state (``unproj`` if it was evaluated on other rows), run the
         update of ``step`` and adopt the module's resize report; returns the replayed state's lineage."""
-        layout, evaluated_lineage = evaluated
-        maps = row_maps(evaluated_lineage, lineage) if (evaluated_lineage or lineage) else None
-        self.flat.load_gradients(gradient, present, layout, maps)
+        maps = row_maps(evaluated.lineage, lineage) if (evaluated.lineage or lineage) else None
+        self.flat.load_gradients(gradient, present, evaluated.layout, maps)
+        if evaluated.outputs:
+            numel = self.flat.header + sum(shape.numel() for shape in evaluated.layout)
+            self.buffers.load_outputs(gradient[numel:], evaluated.outputs, maps)  # type: ignore[union-attr]
         if not self.resizable:
             update()
             return lineage
@@ -659,7 +679,7 @@ class PicardWindow:
         window_start: int,
         gradient_row: Callable[[int], torch.Tensor],
         presence: Sequence[Sequence[bool]],
-        evaluated: list[tuple[Layout, Lineage]],
+        evaluated: list[_Evaluated],
         lineage: Lineage,
         apply_update: UpdateFn,
         snapshot: OptimizerSnapshot,

@@ -23,6 +23,7 @@ from lightning_picard.hooks import (
     local_parameters,
     picard_buffers,
     picard_named_parameters,
+    picard_step_outputs,
 )
 from lightning_picard.loop import check_trainer_supported, install_picard_loop
 from lightning_picard.picard import AGGREGATES, INITIALIZERS, FlatParameters, OptimizerSnapshot, PicardWindow
@@ -165,7 +166,7 @@ class PicardStrategy(DDPStrategy):
         self._synchronize_initial_state(module)
         named = picard_named_parameters(module)
         self.flat = FlatParameters([p for _, p in named], [name for name, _ in named])
-        buffers = picard_buffers(module)
+        buffers, outputs = picard_buffers(module), picard_step_outputs(module)
         self.window = PicardWindow(
             self.flat,
             self.window_size,
@@ -173,7 +174,7 @@ class PicardStrategy(DDPStrategy):
             self.ema_decay,
             self.aggregate,
             self.init,
-            buffers=ModuleBuffers(module, buffers) if buffers else None,
+            buffers=ModuleBuffers(module, buffers, outputs) if buffers or outputs else None,
             resizable=callable(getattr(module, "picard_after_optimizer_step", None)),
         )
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]

@@ -12,16 +12,16 @@ from tests.toy_resizing import GrowingBumps, assert_same_state, step_data
 STEPS = 20
 
 
-def _sequential(steps=STEPS, **module_kwargs):
-    module = GrowingBumps(**module_kwargs)
+def _sequential(steps=STEPS):
+    module = GrowingBumps()
     pl.Trainer(devices=1, max_steps=steps, callbacks=[lp.StepSeed(0)], **quiet_trainer_kwargs()).fit(
         module, step_data()
     )
     return module
 
 
-def _picard(window_size, threshold=0.0, devices=1, init="copy", steps=STEPS, **module_kwargs):
-    module = GrowingBumps(**module_kwargs)
+def _picard(window_size, threshold=0.0, devices=1, init="copy", steps=STEPS, module_class=GrowingBumps):
+    module = module_class()
     strategy = lp.PicardStrategy(
         window_size=window_size,
         threshold=threshold,
@@ -57,6 +57,24 @@ def test_threshold_zero_reproduces_a_growing_and_pruning_run_bit_for_bit(sequent
 def test_two_ranks_with_rows_of_different_sizes_are_exact(sequential):
     module, _ = _picard(4, devices=2)
     assert_same_state(module, sequential)
+
+
+class _StepOutputNotDeclared(GrowingBumps):
+    def picard_step_outputs(self):
+        return []
+
+    def picard_buffers(self):
+        return {**super().picard_buffers(), "hits": False}
+
+
+def test_step_outputs_travel_with_the_gradients_and_are_needed(sequential):
+    """``hits`` is written by training_step and read by the step hook: as a mere buffer the replay would read
+    the guess's value, not the evaluated step's."""
+    module, _ = _picard(3)
+    assert_same_state(module, sequential)
+    undeclared, _ = _picard(3, module_class=_StepOutputNotDeclared)
+    with pytest.raises(AssertionError):
+        assert_same_state(undeclared, sequential)
 
 
 def test_a_positive_threshold_converges_in_fewer_rounds_through_the_resizes(sequential):
@@ -100,9 +118,9 @@ class _Unreported(GrowingBumps):
 
 class _ReplacesParameters(GrowingBumps):
     def _densify_and_prune(self, step):
-        report = super()._densify_and_prune(step)
+        super()._densify_and_prune(step)
         self.heights = torch.nn.Parameter(self.heights.detach().clone())
-        return report
+        return None
 
 
 class _UnknownName(GrowingBumps):
@@ -120,6 +138,16 @@ class _UnknownBuffer(GrowingBumps):
         return {"occupancy_grid": True}
 
 
+class _OutputIsAlsoABuffer(GrowingBumps):
+    def picard_buffers(self):
+        return {**super().picard_buffers(), "hits": False}
+
+
+class _OutputsAsAString(GrowingBumps):
+    def picard_step_outputs(self):
+        return "hits"
+
+
 @pytest.mark.parametrize(
     ("module_class", "error", "match"),
     [
@@ -128,6 +156,8 @@ class _UnknownBuffer(GrowingBumps):
         (_UnknownName, ValueError, r"reported resizing \['widths'\]"),
         (_BuffersNotAMapping, TypeError, "must return a mapping"),
         (_UnknownBuffer, ValueError, "'occupancy_grid', which is not a buffer"),
+        (_OutputIsAlsoABuffer, ValueError, r"\['hits'\] are named by both"),
+        (_OutputsAsAString, TypeError, "must return buffer names"),
     ],
 )
 def test_protocol_mistakes_get_errors_that_say_what_to_do(module_class, error, match):

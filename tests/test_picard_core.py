@@ -203,6 +203,7 @@ def test_squared_norm_never_rounds_a_real_difference_to_zero():
     x = torch.randn(10_000)
     assert squared_norm(x).item() == pytest.approx(x.double().square().sum().item(), rel=1e-5)
     assert squared_norm(x.to(torch.bfloat16)).dtype == torch.float64
+    assert squared_norm(torch.zeros(0, 3)).item() == 0.0, "a tensor whose rows were all pruned"
 
 
 def test_window_state_round_trips_and_the_earlier_tensor_format_still_loads():

@@ -151,3 +151,65 @@ def test_a_buffer_counts_in_the_error_only_when_declared_so():
 def test_module_buffers_reject_unknown_names():
     with pytest.raises(ValueError, match="not a buffer of the module"):
         ModuleBuffers(_Points(True), {"missing": True})
+
+
+class _PrunedAway(torch.nn.Module):
+    """``x`` loses every row after step 1; ``b`` keeps training."""
+
+    def __init__(self):
+        super().__init__()
+        self.x = torch.nn.Parameter(torch.arange(3.0))
+        self.b = torch.nn.Parameter(torch.ones(2))
+
+    def grad(self, step):
+        self.x.grad = self.x.detach() * 0.5
+        self.b.grad = self.b.detach() - step * 0.1 + self.x.detach().sum()
+
+    def after_step(self, optimizer, step):
+        if step != 1:
+            return None
+        parents = torch.zeros(0, dtype=torch.int64)
+        state = optimizer.state[self.x]
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = state[key][parents].clone()
+        self.x.data = self.x.detach()[parents].clone()
+        self.x.grad = None
+        return {"x": parents}
+
+
+def _run_pruned(window_size, steps=6):
+    module = _PrunedAway()
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.1)
+    if window_size is None:
+        for s in range(steps):
+            module.grad(s)
+            optimizer.step()
+            module.after_step(optimizer, s)
+        return module
+    flat = FlatParameters([module.x, module.b], ["x", "b"])
+    window = PicardWindow(flat, window_size, 0.0, ema_decay=0.9)
+    snapshot = OptimizerSnapshot(optimizer)
+    tau = 0
+    while tau < steps:
+        n = min(window_size, steps - tau)
+        rows = torch.zeros(n, flat.header + max(window.slot_numel(j) for j in range(n)))
+        for j in range(n):
+            window.load(j)
+            module.grad(tau + j)
+            flat.write_gradients(rows[j])
+        window.load(0)
+
+        def update(j, tau=tau):
+            optimizer.step()
+            return module.after_step(optimizer, tau + j)
+
+        tau += window.run_round(tau, n, rows.__getitem__, update, snapshot).skip
+    return module
+
+
+@pytest.mark.parametrize("window_size", [2, 3])
+def test_a_parameter_pruned_to_zero_rows_stays_exact(window_size):
+    reference = _run_pruned(None)
+    module = _run_pruned(window_size)
+    assert module.x.shape == (0,)
+    assert torch.equal(module.b, reference.b)

@@ -11,8 +11,9 @@ class GrowingBumps(pl.LightningModule):
     """A sum of Gaussian bumps fit to ``sin(3x)·cos(2y)``, densified and pruned as 3D Gaussians are.
 
     Picard parameters: ``centers [N, 2]``, ``heights [N]``, ``log_widths [N]`` (their rows change) and
-    ``offset [1]``. Picard buffers: ``grad_accum [N]`` (densification statistics from the heights'
-    gradients, resized with the bumps), ``occupancy [8, 8]`` (refreshed from the state every
+    ``offset [1]``. Step output: ``hits [N]`` (samples near each bump, written by ``training_step`` and read by
+    the step hook). Picard buffers: ``grad_accum [N]`` (densification statistics from the heights' gradients
+    and the hits, resized with the bumps), ``occupancy [8, 8]`` (refreshed from the state every
     ``occupancy_every`` steps, it gates the prediction) and ``level`` (a progressive schedule of the step that
     narrows the bumps). Every ``densify_every`` steps, bumps whose accumulated gradient is at least the median
     are cloned (the clone is jittered with the hook's seeded RNG; parent and clone share the height) and bumps
@@ -37,6 +38,7 @@ class GrowingBumps(pl.LightningModule):
         self.register_buffer("grad_accum", torch.zeros(bumps))
         self.register_buffer("occupancy", torch.ones(8, 8))
         self.register_buffer("level", torch.zeros(()))
+        self.register_buffer("hits", torch.zeros(bumps))
         self.densify_every = densify_every
         self.occupancy_every = occupancy_every
         self.max_bumps = max_bumps
@@ -49,6 +51,9 @@ class GrowingBumps(pl.LightningModule):
     def picard_buffers(self):
         return {"grad_accum": self.buffers_in_error, "occupancy": self.buffers_in_error, "level": False}
 
+    def picard_step_outputs(self):
+        return ["hits"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         width = torch.exp(self.log_widths) / (1 + 0.25 * self.level)
         d2 = (x[:, None, :] - self.centers[None]).square().sum(-1)
@@ -60,6 +65,9 @@ class GrowingBumps(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x = torch.rand(32, 2) * 2 - 1  # seeded per step by the strategy or StepSeed
         target = torch.sin(3 * x[:, 0]) * torch.cos(2 * x[:, 1])
+        with torch.no_grad():  # a step output: how many samples fell within each bump's width
+            near = (x[:, None, :] - self.centers[None]).square().sum(-1) < torch.exp(self.log_widths).square()
+            self.hits = near.float().sum(0)
         return (self(x) - target).square().mean()
 
     def configure_optimizers(self):
@@ -68,7 +76,7 @@ class GrowingBumps(pl.LightningModule):
     @torch.no_grad()
     def picard_after_optimizer_step(self, step: int):
         if self.heights.grad is not None:
-            self.grad_accum += self.heights.grad.abs()
+            self.grad_accum += self.heights.grad.abs() + 0.01 * self.hits
         self.level.fill_(min((step + 1) // 6, 2))
         if (step + 1) % self.occupancy_every == 0:
             self.occupancy.copy_(self._occupancy())
@@ -116,14 +124,16 @@ class GrowingBumps(pl.LightningModule):
             param.data = value
             param.grad = None
         self.grad_accum = torch.zeros(parents.numel())
+        self.hits = torch.zeros(parents.numel())
         self.resizes.append((step, n - kept.numel(), cloned.numel()))
-        return {"centers": parents, "heights": parents, "log_widths": parents, "grad_accum": parents}
+        return {name: parents for name in ("centers", "heights", "log_widths", "grad_accum", "hits")}
 
     def _resize_to_loaded(self, state_dict, prefix, *args) -> None:
         """Accept a state dict of another size (a checkpoint, or weights sent back by a fork launcher)."""
         for name in ("centers", "heights", "log_widths"):
             getattr(self, name).data = torch.empty_like(state_dict[prefix + name])
         self.grad_accum = torch.empty_like(state_dict[prefix + "grad_accum"])
+        self.hits = torch.empty_like(state_dict[prefix + "hits"])
 
 
 def step_data(steps: int = 64) -> DataLoader:
