@@ -59,7 +59,7 @@ class StepSeed(Callback):
         self._close()
         if self._active(trainer) and trainer.global_step > self._last_hooked_step:
             self._last_hooked_step = trainer.global_step
-            run_after_optimizer_step(pl_module, self.seed, trainer.global_step - 1)
+            run_after_optimizer_step(pl_module, self.seed, trainer.global_step - 1, validate=True)
 
     @override
     def on_exception(

@@ -52,6 +52,7 @@ from collections.abc import Mapping
 import torch
 
 from lightning_picard import rng
+from lightning_picard.resize import resize_event
 
 HOOK_STREAM = 1
 """RNG stream of ``picard_after_optimizer_step``, distinct from the step's ``training_step`` stream."""
@@ -112,13 +113,26 @@ def picard_step_outputs(module: torch.nn.Module) -> list[str]:
     return [str(name) for name in declared]
 
 
+def state_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
+    """Shapes of the module's Picard parameters, buffers and step outputs by name."""
+    shapes = {name: p.shape for name, p in picard_named_parameters(module)}
+    for name in [*picard_buffers(module), *picard_step_outputs(module)]:
+        shapes[name] = module.get_buffer(name).shape
+    return shapes
+
+
 def run_after_optimizer_step(
-    module: torch.nn.Module, seed: int, step: int
+    module: torch.nn.Module, seed: int, step: int, validate: bool = False
 ) -> Mapping[str, torch.Tensor] | None:
-    """Run the module's ``picard_after_optimizer_step(step)`` with the RNGs seeded from ``(seed, step)``."""
+    """Run the module's ``picard_after_optimizer_step(step)`` with the RNGs seeded from ``(seed, step)``.
+
+    With ``validate`` (sequential runs, where nobody else reads the report) the report is checked against the
+    shapes before and after the hook, so protocol mistakes surface without Picard too.
+    """
     hook = getattr(module, "picard_after_optimizer_step", None)
     if hook is None:
         return None
+    before = state_shapes(module) if validate else None
     with rng.step_rng(seed, step, stream=HOOK_STREAM):
         report = hook(step)
     if report is not None and not isinstance(report, Mapping):
@@ -126,4 +140,6 @@ def run_after_optimizer_step(
             f"picard_after_optimizer_step(step={step}) must return None or {{name: parents}}, got "
             f"{type(report).__name__}."
         )
+    if before is not None:
+        resize_event(report, step, before, state_shapes(module))
     return report or None

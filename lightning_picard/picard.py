@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 
 from lightning_picard.buffers import ModuleBuffers, copy_buffers
-from lightning_picard.resize import Lineage, ResizeEvent, check_parents, rebase, row_maps, unproject
+from lightning_picard.resize import Lineage, ResizeEvent, rebase, resize_event, row_maps, unproject
 
 Aggregate = Literal["median", "mean"]
 Initializer = Literal["copy", "extrapolate"]
@@ -240,10 +240,6 @@ def _copy_state(source: dict[str, Any], reuse: dict[str, Any] | None) -> dict[st
                     reuse[k] = copy.deepcopy(v)
             return reuse
     return {k: _clone(v) for k, v in source.items()}
-
-
-def _rows(shape: torch.Size) -> int:
-    return shape[0] if len(shape) else 1
 
 
 def _clone(value: Any) -> Any:
@@ -567,7 +563,7 @@ class PicardWindow:
         before = self._shapes()
         report = update()
         self.flat.absorb()
-        event = self._resize_event(report, step, before, self._shapes())
+        event = resize_event(report, step, before, self._shapes())
         return lineage if event is None else (*lineage, event)
 
     def _shapes(self) -> dict[str, torch.Size]:
@@ -576,38 +572,6 @@ class PicardWindow:
         if self.buffers is not None:
             shapes.update({n: b.shape for n, b in self.buffers.live().items()})
         return shapes
-
-    def _resize_event(
-        self,
-        report: Resize | None,
-        step: int,
-        before: dict[str, torch.Size],
-        after: dict[str, torch.Size],
-    ) -> ResizeEvent | None:
-        """Validate a module's resize report against the shapes before and after the update."""
-        report = dict(report or {})
-        unknown = [name for name in report if name not in before]
-        if unknown:
-            raise ValueError(
-                f"picard_after_optimizer_step(step={step}) reported resizing {unknown}, which are neither Picard "
-                f"parameters nor Picard buffers (known: {sorted(before)[:8]})."
-            )
-        for name in before:
-            old, new = before[name], after[name]
-            if old != new and (name not in report or old[1:] != new[1:]):
-                what = "without reporting it" if name not in report else "beyond its first dimension"
-                raise ValueError(
-                    f"{name!r} changed shape from {tuple(old)} to {tuple(new)} after step {step} {what}. Picard "
-                    "supports changing the number of rows (dim 0) of a tensor, reported by "
-                    "picard_after_optimizer_step as {name: parents}."
-                )
-        if not report:
-            return None
-        parents = {
-            name: check_parents(name, value, _rows(before[name]), _rows(after[name]), step)
-            for name, value in report.items()
-        }
-        return ResizeEvent(step, parents, {name: _rows(before[name]) for name in parents})
 
     def _squared_error(self, target: _Row, lineage: Lineage) -> tuple[torch.Tensor, int]:
         """‖replayed − guess‖² (after mapping the guess onto the replayed rows) and the number of values."""

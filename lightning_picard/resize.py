@@ -108,6 +108,51 @@ def unproject(values: torch.Tensor, index: torch.Tensor, missing: float = 0.0) -
     return mapped
 
 
+def resize_event(
+    report: Mapping[str, torch.Tensor] | None,
+    step: int,
+    before: Mapping[str, torch.Size],
+    after: Mapping[str, torch.Size],
+) -> ResizeEvent | None:
+    """Validate a module's resize report against its tensors' shapes before and after the step hook.
+
+    Args:
+        report: what ``picard_after_optimizer_step(step)`` returned.
+        step: the step whose hook ran.
+        before, after: shapes of the Picard parameters, buffers and step outputs by name.
+
+    Returns:
+        The event, or ``None`` if nothing was reported.
+    """
+    report = dict(report or {})
+    unknown = [name for name in report if name not in before]
+    if unknown:
+        raise ValueError(
+            f"picard_after_optimizer_step(step={step}) reported resizing {unknown}, which are neither Picard "
+            f"parameters nor Picard buffers or step outputs (known: {sorted(before)[:8]})."
+        )
+    for name in before:
+        old, new = before[name], after[name]
+        if old != new and (name not in report or old[1:] != new[1:]):
+            what = "without reporting it" if name not in report else "beyond its first dimension"
+            raise ValueError(
+                f"{name!r} changed shape from {tuple(old)} to {tuple(new)} after step {step} {what}. Picard "
+                "supports changing the number of rows (dim 0) of a tensor, reported by "
+                "picard_after_optimizer_step as {name: parents}."
+            )
+    if not report:
+        return None
+    parents = {
+        name: check_parents(name, value, _rows(before[name]), _rows(after[name]), step)
+        for name, value in report.items()
+    }
+    return ResizeEvent(step, parents, {name: _rows(before[name]) for name in parents})
+
+
+def _rows(shape: torch.Size) -> int:
+    return shape[0] if len(shape) else 1
+
+
 def check_parents(name: str, parents: object, rows_before: int, rows_after: int, step: int) -> torch.Tensor:
     """Validate one entry of a module's resize report; returns it as an int64 tensor."""
     where = f"picard_after_optimizer_step(step={step}) returned parents for {name!r}"

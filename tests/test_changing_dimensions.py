@@ -165,3 +165,13 @@ def test_protocol_mistakes_get_errors_that_say_what_to_do(module_class, error, m
     trainer = pl.Trainer(devices=1, max_steps=6, strategy=strategy, **quiet_trainer_kwargs())
     with pytest.raises(error, match=match):
         trainer.fit(module_class(), step_data())
+
+
+@pytest.mark.parametrize(
+    ("module_class", "match"),
+    [(_Unreported, "without reporting it"), (_UnknownName, r"reported resizing \['widths'\]")],
+)
+def test_the_sequential_reference_checks_resize_reports_too(module_class, match):
+    trainer = pl.Trainer(devices=1, max_steps=6, callbacks=[lp.StepSeed(0)], **quiet_trainer_kwargs())
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(module_class(), step_data())
