@@ -287,6 +287,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
                         trainer, "optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer
                     )
                     call._call_strategy_hook(trainer, "backward", result.closure_loss, optimizer)
+                    window.check_step_outputs(j, step)
             except Exception as error:
                 row[_FAILED_STEP] = step + 1
                 error.picard_step = step  # type: ignore[attr-defined]

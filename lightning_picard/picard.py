@@ -408,6 +408,20 @@ class PicardWindow:
         outputs = self.buffers.outputs_numel(row.buffers) if self.buffers is not None else 0
         return row.values.numel() + outputs
 
+    def check_step_outputs(self, j: int, step: int) -> None:
+        """Raise if ``training_step`` gave a step output another shape than row ``j`` has for it."""
+        if self.buffers is None:
+            return
+        row = self._row(j)
+        for name in self.buffers.outputs:
+            shape, expected = self.buffers.module.get_buffer(name).shape, row.buffers[name].shape
+            if shape != expected:
+                raise ValueError(
+                    f"Step output {name!r} has shape {tuple(shape)} after training_step of step {step}, but "
+                    f"{tuple(expected)} before it. Keep step outputs sized like the rows they describe: resize them "
+                    "in picard_after_optimizer_step (and report them) when the rows change."
+                )
+
     def load(self, j: int) -> None:
         """Set the module's parameters (and Picard buffers) to window row ``j``."""
         self._load_row(self._row(j))

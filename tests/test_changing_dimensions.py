@@ -143,6 +143,13 @@ class _OutputIsAlsoABuffer(GrowingBumps):
         return {**super().picard_buffers(), "hits": False}
 
 
+class _OutputOfTheWrongSize(GrowingBumps):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.hits = torch.zeros(self.hits.shape[0] + 1)
+        return loss
+
+
 class _OutputsAsAString(GrowingBumps):
     def picard_step_outputs(self):
         return "hits"
@@ -158,6 +165,7 @@ class _OutputsAsAString(GrowingBumps):
         (_UnknownBuffer, ValueError, "'occupancy_grid', which is not a buffer"),
         (_OutputIsAlsoABuffer, ValueError, r"\['hits'\] are named by both"),
         (_OutputsAsAString, TypeError, "must return buffer names"),
+        (_OutputOfTheWrongSize, ValueError, r"Step output 'hits' has shape \(7,\) after training_step"),
     ],
 )
 def test_protocol_mistakes_get_errors_that_say_what_to_do(module_class, error, match):
