@@ -365,7 +365,8 @@ class PicardEpochLoop(_TrainingEpochLoop):
         if any(p.untyped_storage().data_ptr() != flat_storage for p in flat.params):
             raise MisconfigurationException(
                 "A parameter's storage was replaced during fit (e.g. `param.data = new_tensor`) outside "
-                "picard_after_optimizer_step. Update parameters in place (`param.data.copy_(...)`, `with torch.no_grad(): param.copy_(...)`)."
+                "picard_after_optimizer_step. Update parameters in place (`param.data.copy_(...)`, "
+                "`with torch.no_grad(): param.copy_(...)`)."
             )
 
     def _apply_update(self, step: int, batch_idx: int) -> Resize | None:
