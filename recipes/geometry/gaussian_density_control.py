@@ -9,8 +9,9 @@ the optimizer state exactly as DreamGaussian does (kept rows keep their moments,
 
 Under ``lightning_picard`` a LightningModule runs :meth:`GaussianDensityControl.after_optimizer_step` in
 its ``picard_after_optimizer_step`` hook and returns :func:`resize_report` of the changes: the parameters
-are resized in place and the densification statistics are module buffers that the module declares in
-``picard_buffers()`` (:meth:`GaussianDensityControl.statistics_buffers`).
+are resized in place, the densification statistics are module buffers that the module declares in
+``picard_buffers()`` (:meth:`GaussianDensityControl.statistics_buffers`), and the screen-space gradient and
+radii that feed them are step outputs (``picard_step_outputs()``) recorded by ``training_step``.
 """
 
 from __future__ import annotations
@@ -289,7 +290,10 @@ def remap_optimizer(
 
 
 def resize_report(
-    changes: Sequence[DimensionChange], prefix: str = "", stats_prefix: str | None = None
+    changes: Sequence[DimensionChange],
+    prefix: str = "",
+    stats_prefix: str | None = None,
+    also: Sequence[str] = (),
 ) -> dict[str, Tensor]:
     """The ``{name: parents}`` that ``picard_after_optimizer_step`` returns for ``changes`` applied in order.
 
@@ -298,7 +302,9 @@ def resize_report(
     tensor in :data:`~recipes.geometry.gaussians.PARAMETER_NAMES` (``prefix`` is the Gaussians' path in the
     LightningModule followed by a dot, e.g. ``"gaussians."``) and, with ``stats_prefix``, ``stats_prefix +
     name`` for the statistics buffers of :class:`GaussianDensityControl` (:data:`STATISTICS`), which are
-    resized with the rows. All names share one int64 tensor.
+    resized with the rows. ``also`` adds further names, in full, of per-Gaussian tensors that follow the rows:
+    typically the LightningModule's step outputs (``picard_step_outputs()``: the screen-space gradient and
+    radii that ``training_step`` records), which the hook resizes itself. All names share one int64 tensor.
 
     Returns ``{}`` when the rows did not change: no change, or only changes that keep every row in place
     such as the opacity reset (a value change needs no report).
@@ -314,7 +320,7 @@ def resize_report(
     names = [prefix + name for name in PARAMETER_NAMES]
     if stats_prefix is not None:
         names += [stats_prefix + name for name in STATISTICS]
-    return dict.fromkeys(names, parents)
+    return dict.fromkeys([*names, *also], parents)
 
 
 class GaussianDensityControl(nn.Module):
@@ -323,8 +329,10 @@ class GaussianDensityControl(nn.Module):
     Call :meth:`observe` after each backward with the render's screen-space mean gradient and radii,
     then :meth:`after_optimizer_step` with the number of completed steps. Under Picard both go in the
     module's ``picard_after_optimizer_step`` (the replay runs it; ``training_step`` runs on guesses and
-    is not replayed), so the statistics there can only come from what the hook sees: the step's
-    parameter gradients.
+    is not replayed). The screen-space gradient and radii come from ``training_step``: record them there in
+    buffers that the module declares as step outputs (``picard_step_outputs()``), which Picard gathers with
+    each step's gradient and puts back before replaying that step, and observe them in the hook; report
+    them in :func:`resize_report` (``also=``) and resize them with the Gaussians.
 
     The statistics are the buffers :data:`STATISTICS` of this module (``[N]`` each; :attr:`stats` views
     them), so a LightningModule that holds the control as a submodule can declare them as Picard state

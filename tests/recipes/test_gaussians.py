@@ -23,7 +23,13 @@ from recipes.geometry.gaussian_density_control import (
     reset_opacity,
     resize_report,
 )
-from recipes.geometry.gaussians import PARAMETER_NAMES, GaussianLearningRates, Gaussians, rgb_to_sh_dc
+from recipes.geometry.gaussians import (
+    PARAMETER_NAMES,
+    GaussianLearningRates,
+    Gaussians,
+    resize_rows_to_state_dict,
+    rgb_to_sh_dc,
+)
 from recipes.render.gaussians_raster import rasterize_gaussians, render_gaussians, resolve_backend
 from tests.toy import quiet_trainer_kwargs
 
@@ -354,42 +360,58 @@ def test_a_state_dict_with_another_number_of_gaussians_loads_in_place():
 
 
 STEPS = 12
+SIZE = 16
+SCREEN_OUTPUTS = ("screen_grad", "screen_radii")
 
 
-class GaussianFit(pl.LightningModule):
-    """A dozen Gaussians pulled towards four jittered points; densified, pruned and reset in the step hook.
+class SplatFit(pl.LightningModule):
+    """40 Gaussians splatted into one of two 16×16 views per step and fit to fixed random images.
 
-    The loss raises the opacity of Gaussians near a target and lowers it elsewhere. The densification
-    statistic is the norm of the step's gradient of the means' x, y (standing in for the screen-space
-    gradient, which the replay does not see), accumulated in the hook into the control's buffers, which are
-    Picard buffers. Densify+prune every 3 steps, an opacity reset at step 9 (after a densify of that step).
+    DreamGaussian's densification statistic, the gradient of the loss w.r.t. the projected 2D means and the
+    screen radii of the view, is recorded by ``training_step`` (the radii) and by a tensor hook on
+    ``means2d`` during Lightning's backward (the gradient) into the buffers ``screen_grad [N, 2]`` and
+    ``screen_radii [N]``, declared as step outputs. The step hook observes them (1-based step), then
+    densifies/prunes every 3 steps and resets the opacity at step 9; it resizes the step outputs to zeros
+    of the new size and reports them with the Gaussians and the statistics. The view and the background
+    colour are drawn per step (seeded by the strategy or ``StepSeed``).
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.gaussians = Gaussians(num_points=12, radius=0.5, init_opacity=0.5, seed=0)
+        self.gaussians = Gaussians(num_points=40, radius=0.5, init_opacity=0.5, seed=0)
+        n = len(self.gaussians)
         schedule = DensificationSchedule(
-            interval=3, opacity_reset_interval=9, grad_threshold=0.25, percent_dense=0.04
+            interval=3, opacity_reset_interval=9, grad_threshold=0.004, percent_dense=0.0375
         )
-        self.density = GaussianDensityControl(schedule, num_points=len(self.gaussians))
-        self.register_buffer("targets", torch.randn(4, 3, generator=torch.Generator().manual_seed(1)) * 0.5)
-        self.resizes: list[tuple[int, int, int]] = []
-        """(1-based step, Gaussians before, Gaussians after) of every hook call that changed something."""
+        self.density = GaussianDensityControl(schedule, num_points=n)
+        self.register_buffer("screen_grad", torch.zeros(n, 2))
+        self.register_buffer("screen_radii", torch.zeros(n))
+        self.register_buffer(
+            "targets", torch.rand(2, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(1))
+        )
+        full = torch.ones(2)
+        self.cameras = cameras_from_spherical(
+            20 * full, torch.tensor([0.0, 90.0]), 2 * full, 40 * full, SIZE, SIZE
+        )
+        self.register_load_state_dict_pre_hook(resize_rows_to_state_dict)  # the step outputs' row count
+        self.densifications: list[tuple[int, int, int, int, int]] = []
+        """(1-based step, Gaussians before, cloned, split, pruned) of every densify/prune."""
 
     def picard_buffers(self) -> dict[str, bool]:
         return self.density.statistics_buffers("density.")
 
+    def picard_step_outputs(self) -> list[str]:
+        return list(SCREEN_OUTPUTS)
+
     def training_step(self, batch, batch_idx):
-        g = self.gaussians
-        targets = self.targets + 0.05 * torch.randn_like(self.targets)  # seeded per step
-        nearest = (g.means[:, None] - targets[None]).square().sum(-1).min(dim=1).values
-        colour = (g.colors - 0.5).square().mean()
-        return (
-            (g.opacities * (nearest - 0.1)).sum()
-            + colour
-            + 0.1 * g.scales.sum()
-            + g.rotations[:, 1:].square().sum()
-        )
+        view = int(torch.randint(2, ()))
+        out = render_gaussians(self.gaussians, self.cameras[view : view + 1], background=torch.rand(3))
+        self.screen_radii.copy_(out.radii[-1])
+        out.means2d.register_hook(self._record_screen_gradient)
+        return (out.rgb[-1] - self.targets[view]).square().mean()
+
+    def _record_screen_gradient(self, grad: torch.Tensor) -> None:
+        self.screen_grad.copy_(grad[-1])  # runs during Lightning's backward
 
     def configure_optimizers(self):
         optimizer, scheduler = self.gaussians.configure_optimizer(
@@ -399,17 +421,41 @@ class GaussianFit(pl.LightningModule):
 
     @torch.no_grad()
     def picard_after_optimizer_step(self, step: int) -> dict[str, torch.Tensor]:
-        g = self.gaussians
-        self.density.observe(step + 1, g.means.grad[:, :2], torch.ones(len(g)), width=2, height=2)
-        before = len(g)
-        changes = self.density.after_optimizer_step(g, self.optimizers(use_pl_optimizer=False), step + 1)
-        if changes:
-            self.resizes.append((step + 1, before, len(g)))
-        return resize_report(changes, "gaussians.", "density.")
+        g, density = self.gaussians, self.density
+        density.observe(step + 1, self.screen_grad, self.screen_radii, SIZE, SIZE)
+        before, counts = len(g), self._clone_and_split_counts(step + 1)
+        changes = density.after_optimizer_step(g, self.optimizers(use_pl_optimizer=False), step + 1)
+        if counts is not None:
+            cloned, split = counts
+            self.densifications.append((step + 1, before, cloned, split, before + cloned + split - len(g)))
+        report = resize_report(changes, "gaussians.", "density.", also=SCREEN_OUTPUTS)
+        if report:
+            self.screen_grad = self.screen_grad.new_zeros(len(g), 2)
+            self.screen_radii = self.screen_radii.new_zeros(len(g))
+        return report
+
+    def _clone_and_split_counts(self, step: int) -> tuple[int, int] | None:
+        """How many Gaussians the densification at ``step`` clones and splits (``None`` if it does not run)."""
+        schedule, stats = self.density.schedule, self.density.stats
+        if not schedule.densifies_at(step):
+            return None
+        large = stats.mean_grad() >= schedule.grad_threshold
+        small = self.gaussians.scales.amax(dim=-1) <= schedule.percent_dense * schedule.extent
+        return int((large & small).sum()), int((large & ~small).sum())
 
 
-def _fit(strategy=None, callbacks=(), devices=1) -> tuple[GaussianFit, pl.Trainer]:
-    module = GaussianFit()
+class _StepOutputsNotDeclared(SplatFit):
+    """The screen statistics as mere Picard buffers: the replay reads the anchor's, not the evaluated step's."""
+
+    def picard_step_outputs(self) -> list[str]:
+        return []
+
+    def picard_buffers(self) -> dict[str, bool]:
+        return {**super().picard_buffers(), **dict.fromkeys(SCREEN_OUTPUTS, False)}
+
+
+def _fit(strategy=None, callbacks=(), devices=1, module_class=SplatFit) -> tuple[SplatFit, pl.Trainer]:
+    module = module_class()
     data = DataLoader(TensorDataset(torch.arange(STEPS, dtype=torch.float32)), batch_size=1)
     kwargs = quiet_trainer_kwargs(devices=devices, max_steps=STEPS, callbacks=list(callbacks))
     trainer = pl.Trainer(**kwargs) if strategy is None else pl.Trainer(strategy=strategy, **kwargs)
@@ -427,26 +473,47 @@ def _assert_same_state(a: pl.LightningModule, b: pl.LightningModule) -> None:
 
 
 @pytest.fixture(scope="module")
-def sequential_fit() -> tuple[GaussianFit, pl.Trainer]:
+def sequential_fit() -> tuple[SplatFit, pl.Trainer]:
     return _fit(callbacks=[lp.StepSeed(0)])
 
 
-def test_densification_under_picard_reproduces_the_sequential_run_bit_for_bit(sequential_fit):
+def test_the_splatted_fit_clones_splits_and_prunes_on_screen_statistics(sequential_fit):
+    sequential, _ = sequential_fit
+    # (step, Gaussians before, cloned, split, pruned); today (3, 40, 0, 13, 0), (6, 53, 0, 3, 0), (9, 56, 4, 2, 0)
+    # and (12, 62, 0, 0, 5): splits at 3, 6, 9, clones at 9 (then the opacity reset, one report for both), and
+    # the prune at 12 of Gaussians that the reset left transparent
+    steps, _, cloned, split, pruned = zip(*sequential.densifications)
+    assert steps == (3, 6, 9, 12)
+    assert sum(cloned) > 0 and sum(split) > 0 and pruned[-1] > 0
+    n = len(sequential.gaussians)
+    assert n != 40 and sequential.screen_grad.shape == (n, 2) and sequential.screen_radii.shape == (n,)
+
+
+def test_densification_on_screen_statistics_under_picard_reproduces_the_sequential_run_bit_for_bit(
+    sequential_fit,
+):
     sequential, sequential_trainer = sequential_fit
-    # clones and splits at 3, 6 and 9 (then the opacity reset at 9, one report for both), prunes at 12
-    assert [(step, before < after) for step, before, after in sequential.resizes] == [
-        (3, True),
-        (6, True),
-        (9, True),
-        (12, False),
-    ]
     picard, trainer = _fit(strategy=lp.PicardStrategy(window_size=3, threshold=0.0))
     assert trainer.global_step == STEPS
-    _assert_same_state(picard, sequential)
+    assert picard.densifications[-1] == sequential.densifications[-1]  # the replay ran the densifications
+    _assert_same_state(picard, sequential)  # parameters, statistics, step outputs
     optimizer, sequential_optimizer = trainer.optimizers[0], sequential_trainer.optimizers[0]
     for p, q in zip(picard.gaussians.parameters(), sequential.gaussians.parameters()):
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(optimizer.state[p][key], sequential_optimizer.state[q][key])
+
+
+def test_without_declaring_the_step_outputs_the_run_is_not_exact(sequential_fit):
+    """As Picard buffers the screen statistics travel with the rows, but the replay reads the anchor's
+    copy, not what ``training_step`` wrote for the step: the densifications never see a gradient."""
+    undeclared, _ = _fit(
+        strategy=lp.PicardStrategy(window_size=3, threshold=0.0), module_class=_StepOutputsNotDeclared
+    )
+    assert [(step, cloned, split) for step, _, cloned, split, _ in undeclared.densifications] != [
+        (step, cloned, split) for step, _, cloned, split, _ in sequential_fit[0].densifications
+    ]
+    with pytest.raises(AssertionError):
+        _assert_same_state(undeclared, sequential_fit[0])
 
 
 @pytest.mark.multiprocess
@@ -454,6 +521,19 @@ def test_two_ranks_densify_exactly_and_load_the_resized_weights_back(sequential_
     # the fork launcher loads rank 0's final weights (another number of Gaussians) into this process's module
     picard, _ = _fit(strategy=lp.PicardStrategy(window_size=4, threshold=0.0, start_method="fork"), devices=2)
     _assert_same_state(picard, sequential_fit[0])
+
+
+def test_resize_report_also_names_step_outputs():
+    state = toy_state()
+    change = prune(state, toy_stats(), DensificationSchedule(), extent=1.0)
+    report = resize_report([change], "gaussians.", "density.", also=SCREEN_OUTPUTS)
+    assert set(report) == (
+        {f"gaussians.{n}" for n in PARAMETER_NAMES}
+        | {f"density.{n}" for n in STATISTICS}
+        | set(SCREEN_OUTPUTS)
+    )
+    assert all(parents is report["gaussians.means"] for parents in report.values())
+    assert resize_report([reset_opacity(state, toy_stats())], "gaussians.", also=SCREEN_OUTPUTS) == {}
 
 
 def test_schedule_collects_densifies_and_resets_on_dreamgaussian_steps():
