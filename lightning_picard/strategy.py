@@ -265,6 +265,11 @@ class PicardStrategy(DDPStrategy):
         return out
 
     @override
+    def _configure_launcher(self) -> None:
+        self._environment_before_launch = {key: os.environ.get(key) for key in _LAUNCH_ENVIRONMENT}
+        super()._configure_launcher()
+
+    @override
     def setup_distributed(self) -> None:
         self._owns_process_group = not dist.is_initialized()
         super().setup_distributed()

@@ -35,3 +35,10 @@ def test_loop_and_trainer_internals_used_by_the_picard_loop():
     assert hasattr(trainer._accelerator_connector, "use_distributed_sampler")
     assert hasattr(trainer.fit_loop, "epoch_loop")
     assert isinstance(trainer.fit_loop.epoch_loop, type(loop).__mro__[1])
+
+
+def test_strategy_hooks_overridden_by_picard_exist():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    for name in ("_configure_launcher", "setup_distributed", "configure_ddp", "teardown"):
+        assert callable(getattr(DDPStrategy, name, None)), name

@@ -248,3 +248,23 @@ def test_the_launching_process_raises_the_named_error_with_the_default_launcher(
     )
     leftover = subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True).stdout.split()
     assert leftover == []
+
+
+def test_a_single_rank_fit_leaves_no_launcher_environment_behind():
+    """A later fork-based fit would otherwise think its processes were launched externally (and with
+    OMP_NUM_THREADS left set, forked children may deadlock in OpenMP)."""
+    launcher = (
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "NODE_RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "RANK",
+        "OMP_NUM_THREADS",
+    )
+    before = {key: os.environ.get(key) for key in launcher}
+    trainer = pl.Trainer(
+        devices=1, max_steps=2, strategy=lp.PicardStrategy(window_size=2), **quiet_trainer_kwargs()
+    )
+    trainer.fit(ToyRegression(), regression_data())
+    assert {key: os.environ.get(key) for key in launcher} == before
