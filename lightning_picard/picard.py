@@ -492,16 +492,21 @@ class PicardWindow:
         snapshot.capture()
         errors_device = torch.zeros(n, dtype=torch.float64, device=self.flat.flat.device)
         sizes = []
+
+        def replay(gradient_slot: int, update_slot: int, lineage: Lineage) -> Lineage:
+            """Replay step τ + update_slot with the gradient (and step outputs) of slot gradient_slot."""
+            return self._replay_step(
+                gradient_row(gradient_slot),
+                presence[gradient_slot],
+                evaluated[gradient_slot],
+                lineage,
+                partial(apply_update, update_slot),
+                window_start + update_slot,
+            )
+
         lineage: Lineage = ()
         for j in range(n):
-            lineage = self._replay_step(
-                gradient_row(j),
-                presence[j],
-                evaluated[j],
-                lineage,
-                partial(apply_update, j),
-                window_start + j,
-            )
+            lineage = replay(j, j, lineage)
             target = self._row(j + 1)
             errors_device[j], size = self._squared_error(target, lineage)
             sizes.append(size)
@@ -517,31 +522,13 @@ class PicardWindow:
         self._copy_row(self._row(0), self._scratch)
         self._round.anchor_in_scratch = True
         needs_second_replay = skip < n
-        self._fill_new_slots(
-            n,
-            skip,
-            window_start,
-            gradient_row,
-            presence,
-            evaluated,
-            lineage,
-            apply_update,
-            snapshot,
-            needs_second_replay,
-        )
+        self._fill_new_slots(n, skip, replay, lineage, snapshot, needs_second_replay)
         if needs_second_replay:
             self._load_row(self._scratch)
             snapshot.restore()
             lineage = ()
             for j in range(skip):
-                lineage = self._replay_step(
-                    gradient_row(j),
-                    presence[j],
-                    evaluated[j],
-                    lineage,
-                    partial(apply_update, j),
-                    window_start + j,
-                )
+                lineage = replay(j, j, lineage)
         self._start = (self._start + skip) % (self.window_size + 1)
         new_anchor = window_start + skip
         for row in self._rows:
@@ -654,16 +641,15 @@ class PicardWindow:
         self,
         n: int,
         skip: int,
-        window_start: int,
-        gradient_row: Callable[[int], torch.Tensor],
-        presence: Sequence[Sequence[bool]],
-        evaluated: list[_Evaluated],
+        replay: Callable[[int, int, Lineage], Lineage],
         lineage: Lineage,
-        apply_update: UpdateFn,
         snapshot: OptimizerSnapshot,
         replay_again: bool,
     ) -> None:
-        """Guess the ``skip`` steps that enter the window at its end (ring rows ``P + 1 … P + skip``)."""
+        """Guess the ``skip`` steps that enter the window at its end (ring rows ``P + 1 … P + skip``).
+
+        ``replay(gradient_slot, update_slot, lineage)`` replays one step; ``lineage`` is the replayed state's.
+        """
         P = self.window_size
         last = self._row(P)
         if self.init == "copy" or n < P:
@@ -678,14 +664,7 @@ class PicardWindow:
                 at_end = self._end_snapshot = OptimizerSnapshot(snapshot.optimizer, snapshot.schedulers)
             at_end.capture()
         for k in range(1, skip + 1):  # rows P + k wrap onto rows 0 … P − 1: row P stays intact
-            lineage = self._replay_step(
-                gradient_row(n - 1),
-                presence[n - 1],
-                evaluated[n - 1],
-                lineage,
-                partial(apply_update, P - 1 + k),
-                window_start + P - 1 + k,
-            )
+            lineage = replay(n - 1, P - 1 + k, lineage)
             self._record(self._row(P + k), lineage)
         if at_end is not None:
             self._load_row(last)

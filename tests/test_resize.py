@@ -89,24 +89,20 @@ class _Points(torch.nn.Module):
         return {"x": parents}
 
 
-def _run_points(window_size, steps=9, threshold=0.0, in_error=True):
-    module = _Points(in_error)
-    optimizer = torch.optim.Adam(module.parameters(), lr=0.1)
-    if window_size is None:
+def _train(module, optimizer, steps, window=None):
+    """Sequential steps (``window=None``) or Picard rounds of ``window`` over ``module.grad`` and
+    ``module.after_step``; returns the number of rounds."""
+    if window is None:
         for s in range(steps):
             module.grad(s)
             optimizer.step()
             module.after_step(optimizer, s)
-        return module, steps
-    flat = FlatParameters([module.x], ["x"])
-    buffers = ModuleBuffers(module, {"seen": in_error})
-    window = PicardWindow(flat, window_size, threshold, ema_decay=0.9, buffers=buffers)
-    snapshot = OptimizerSnapshot(optimizer)
+        return steps
+    flat, snapshot = window.flat, OptimizerSnapshot(optimizer)
     tau = 0
     while tau < steps:
-        n = min(window_size, steps - tau)
-        width = flat.header + max(window.slot_numel(j) for j in range(n))
-        rows = torch.zeros(n, width)
+        n = min(window.window_size, steps - tau)
+        rows = torch.zeros(n, flat.header + max(window.slot_numel(j) for j in range(n)))
         for j in range(n):
             window.load(j)
             module.grad(tau + j)
@@ -118,7 +114,18 @@ def _run_points(window_size, steps=9, threshold=0.0, in_error=True):
             return module.after_step(optimizer, tau + j)
 
         tau += window.run_round(tau, n, rows.__getitem__, update, snapshot).skip
-    return module, window.rounds
+    return window.rounds
+
+
+def _run_points(window_size, steps=9, threshold=0.0, in_error=True):
+    module = _Points(in_error)
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.1)
+    window = None
+    if window_size is not None:
+        flat = FlatParameters([module.x], ["x"])
+        buffers = ModuleBuffers(module, {"seen": in_error})
+        window = PicardWindow(flat, window_size, threshold, ema_decay=0.9, buffers=buffers)
+    return module, _train(module, optimizer, steps, window)
 
 
 @pytest.mark.parametrize("window_size", [1, 2, 3, 4])
@@ -180,30 +187,12 @@ class _PrunedAway(torch.nn.Module):
 def _run_pruned(window_size, steps=6):
     module = _PrunedAway()
     optimizer = torch.optim.Adam(module.parameters(), lr=0.1)
-    if window_size is None:
-        for s in range(steps):
-            module.grad(s)
-            optimizer.step()
-            module.after_step(optimizer, s)
-        return module
-    flat = FlatParameters([module.x, module.b], ["x", "b"])
-    window = PicardWindow(flat, window_size, 0.0, ema_decay=0.9)
-    snapshot = OptimizerSnapshot(optimizer)
-    tau = 0
-    while tau < steps:
-        n = min(window_size, steps - tau)
-        rows = torch.zeros(n, flat.header + max(window.slot_numel(j) for j in range(n)))
-        for j in range(n):
-            window.load(j)
-            module.grad(tau + j)
-            flat.write_gradients(rows[j])
-        window.load(0)
-
-        def update(j, tau=tau):
-            optimizer.step()
-            return module.after_step(optimizer, tau + j)
-
-        tau += window.run_round(tau, n, rows.__getitem__, update, snapshot).skip
+    window = None
+    if window_size is not None:
+        window = PicardWindow(
+            FlatParameters([module.x, module.b], ["x", "b"]), window_size, 0.0, ema_decay=0.9
+        )
+    _train(module, optimizer, steps, window)
     return module
 
 
