@@ -17,7 +17,8 @@ All hooks are optional; a module that defines none is trained as one fixed vecto
     Runs right after the optimizer step (and step-interval LR schedulers) of step ``step``, the value
     ``global_step`` had in that step's ``training_step`` (DreamGaussian's 1-based counter is ``step + 1``,
     which is ``trainer.global_step`` inside the hook). Under Picard it runs only inside the replay, on every
-    rank, so every rank makes the same change; in a sequential run the :class:`~lightning_picard.StepSeed`
+    rank, so every rank makes the same change (not when ``init="extrapolate"`` extrapolates guesses past the
+    window); in a sequential run the :class:`~lightning_picard.StepSeed`
     callback runs it at the same point. It must be a deterministic function of the module's state, the
     optimizer's state, ``step`` and the step's gradients (still in ``.grad``): global RNGs are seeded for it
     from ``(seed, step)``. Use it to

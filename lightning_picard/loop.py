@@ -180,6 +180,9 @@ class PicardEpochLoop(_TrainingEpochLoop):
                 apply_update=lambda j: self._apply_update(tau + j, first_batch_idx + j),
                 snapshot=self.strategy.snapshot,
                 presence=[[bool(v) for v in head[rows[j]][_STATUS_COLUMNS:]] for j in range(n)],
+                extrapolate_update=lambda j: self._apply_update(
+                    tau + j, first_batch_idx + j, step_hook=False
+                ),
             )
         skip = result.skip
         del self._batches[:skip]
@@ -369,9 +372,9 @@ class PicardEpochLoop(_TrainingEpochLoop):
                 "`with torch.no_grad(): param.copy_(...)`)."
             )
 
-    def _apply_update(self, step: int, batch_idx: int) -> Resize | None:
-        """The user's optimizer step (with clipping and hooks), step-interval schedulers and the module's step
-        hook for ``step``; returns the hook's resize report."""
+    def _apply_update(self, step: int, batch_idx: int, step_hook: bool = True) -> Resize | None:
+        """The user's optimizer step (with clipping and hooks), step-interval schedulers and (with ``step_hook``)
+        the module's step hook for ``step``; returns the hook's resize report."""
         trainer = self.trainer
         module = trainer.lightning_module
         self._evaluating_step = step
@@ -388,10 +391,12 @@ class PicardEpochLoop(_TrainingEpochLoop):
                 if config.interval == "step" and (batch_idx + 1) % config.frequency == 0:
                     call._call_lightning_module_hook(trainer, "lr_scheduler_step", config.scheduler, None)
             self._evaluating_step = step + 1  # as in a sequential run, after the optimizer step
-            report = run_after_optimizer_step(module, self.strategy.seed, step)
+            report = run_after_optimizer_step(module, self.strategy.seed, step) if step_hook else None
         finally:
             self._evaluating_step = None
-        if self.strategy.window.resizable:  # a step hook ran: it must have kept the parameter objects
+        if (
+            step_hook and self.strategy.window.resizable
+        ):  # the step hook ran: it must have kept the parameters
             self._check_parameters_unchanged(storage=False)
         return report
 

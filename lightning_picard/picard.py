@@ -466,6 +466,7 @@ class PicardWindow:
         apply_update: UpdateFn,
         snapshot: OptimizerSnapshot,
         presence: Sequence[Sequence[bool]] | None = None,
+        extrapolate_update: UpdateFn | None = None,
     ) -> RoundResult:
         """Replay ``n`` steps from the anchor with the slots' gradients, decide the slide, slide.
 
@@ -482,6 +483,9 @@ class PicardWindow:
                 module's step hook; returns the hook's resize report.
             snapshot: snapshot of the optimizer used to return to the anchor state.
             presence: per slot, which parameters have a gradient (read from the rows if not given).
+            extrapolate_update: the update used to extrapolate guesses past the window with ``init="extrapolate"``
+                (default ``apply_update``). The strategy leaves the module's step hook out of it: densifying on
+                a repeated gradient's statistics makes worse guesses (docs/benchmarks.md).
         """
         if not 1 <= n <= self.window_size:
             raise ValueError(f"n must be in [1, {self.window_size}], got {n}")
@@ -493,16 +497,21 @@ class PicardWindow:
         errors_device = torch.zeros(n, dtype=torch.float64, device=self.flat.flat.device)
         sizes = []
 
-        def replay(gradient_slot: int, update_slot: int, lineage: Lineage) -> Lineage:
+        def replay(
+            gradient_slot: int, update_slot: int, lineage: Lineage, update: UpdateFn = apply_update
+        ) -> Lineage:
             """Replay step τ + update_slot with the gradient (and step outputs) of slot gradient_slot."""
             return self._replay_step(
                 gradient_row(gradient_slot),
                 presence[gradient_slot],
                 evaluated[gradient_slot],
                 lineage,
-                partial(apply_update, update_slot),
+                partial(update, update_slot),
                 window_start + update_slot,
             )
+
+        def extrapolate(gradient_slot: int, update_slot: int, lineage: Lineage) -> Lineage:
+            return replay(gradient_slot, update_slot, lineage, extrapolate_update or apply_update)
 
         lineage: Lineage = ()
         for j in range(n):
@@ -522,7 +531,7 @@ class PicardWindow:
         self._copy_row(self._row(0), self._scratch)
         self._round.anchor_in_scratch = True
         needs_second_replay = skip < n
-        self._fill_new_slots(n, skip, replay, lineage, snapshot, needs_second_replay)
+        self._fill_new_slots(n, skip, extrapolate, lineage, snapshot, needs_second_replay)
         if needs_second_replay:
             self._load_row(self._scratch)
             snapshot.restore()

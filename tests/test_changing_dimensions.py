@@ -183,3 +183,29 @@ def test_the_sequential_reference_checks_resize_reports_too(module_class, match)
     trainer = pl.Trainer(devices=1, max_steps=6, callbacks=[lp.StepSeed(0)], **quiet_trainer_kwargs())
     with pytest.raises(ValueError, match=match):
         trainer.fit(module_class(), step_data())
+
+
+def test_extrapolated_guesses_leave_the_step_hook_out(monkeypatch):
+    """Extrapolating past the window repeats the last gradient; densifying on it made poor guesses."""
+    from lightning_picard.picard import PicardWindow
+
+    filling, hook_calls, extrapolated = {"on": False}, [], []
+    fill = PicardWindow._fill_new_slots
+
+    def spy(self, n, skip, *args, **kwargs):
+        filling["on"] = True
+        extrapolated.append(n == self.window_size)
+        try:
+            return fill(self, n, skip, *args, **kwargs)
+        finally:
+            filling["on"] = False
+
+    class Spy(GrowingBumps):
+        def picard_after_optimizer_step(self, step):
+            hook_calls.append(filling["on"])
+            return super().picard_after_optimizer_step(step)
+
+    monkeypatch.setattr(PicardWindow, "_fill_new_slots", spy)
+    _picard(4, threshold=1e-3, init="extrapolate", module_class=Spy)
+    assert any(extrapolated), "some rounds must have extrapolated"
+    assert hook_calls and not any(hook_calls)
