@@ -54,8 +54,9 @@ def test_threshold_zero_reproduces_a_growing_and_pruning_run_bit_for_bit(sequent
 
 
 @pytest.mark.multiprocess
-def test_two_ranks_with_rows_of_different_sizes_are_exact(sequential):
-    module, _ = _picard(4, devices=2)
+@pytest.mark.parametrize("init", ["copy", "extrapolate"])
+def test_two_ranks_with_rows_of_different_sizes_are_exact(sequential, init):
+    module, _ = _picard(4, devices=2, init=init)
     assert_same_state(module, sequential)
 
 
