@@ -300,7 +300,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
                 self._evaluating_step = None
             gradient = row[_STATUS_COLUMNS : _STATUS_COLUMNS + flat.row_length]
             flat.write_gradients(gradient)
-            row[_NONFINITE] = (~torch.isfinite(gradient[flat.header :])).any()
+            row[_NONFINITE] = _has_nonfinite(gradient[flat.header :])
             if window.buffers is not None and window.buffers.outputs:
                 window.buffers.write_outputs(row[_STATUS_COLUMNS + flat.row_length :])
             output = result.asdict()
@@ -470,6 +470,14 @@ def _fingerprint(batch: Any) -> list[float]:
 
     apply_to_collection(batch, torch.Tensor, visit)
     return total
+
+
+def _has_nonfinite(values: torch.Tensor) -> torch.Tensor:
+    """Whether ``values`` holds a NaN or an infinity, on the device, without a ``values``-sized temporary."""
+    if values.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=values.device)
+    low, high = torch.aminmax(values)  # NaN propagates to both, ±inf to one of them
+    return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _gradients_already_loaded() -> None:

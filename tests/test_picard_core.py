@@ -223,3 +223,12 @@ def test_window_state_round_trips_and_the_earlier_tensor_format_still_loads():
     other = PicardWindow(flat, 3, 0.0, ema_decay=0.9)
     assert "re-initialised" in other.load_state_dict(state)
     assert torch.equal(other.guess(2), flat.flat)
+
+
+def test_nonfinite_detection_without_a_full_size_temporary():
+    from lightning_picard.loop import _has_nonfinite
+
+    assert not _has_nonfinite(torch.tensor([1.0, -2.0]))
+    assert _has_nonfinite(torch.tensor([1.0, math.nan]))
+    assert _has_nonfinite(torch.tensor([math.inf, 0.0])) and _has_nonfinite(torch.tensor([-math.inf, 0.0]))
+    assert not _has_nonfinite(torch.zeros(0))
