@@ -8,19 +8,13 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest
 
+from tests.toy import LAUNCH_ENVIRONMENT
+
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 @pytest.fixture(autouse=True)
 def _fresh_launch_environment(monkeypatch):
     """Lightning's launchers export MASTER_PORT, LOCAL_RANK, … into the parent; each test starts without them."""
-    for key in (
-        "MASTER_PORT",
-        "MASTER_ADDR",
-        "NODE_RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "RANK",
-        "OMP_NUM_THREADS",
-    ):
+    for key in LAUNCH_ENVIRONMENT:
         monkeypatch.delenv(key, raising=False)

@@ -18,7 +18,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_picard as lp
-from tests.toy import ToyRegression, final_parameters, quiet_trainer_kwargs, regression_data
+from tests.toy import (
+    LAUNCH_ENVIRONMENT,
+    ToyRegression,
+    final_parameters,
+    quiet_trainer_kwargs,
+    regression_data,
+)
 
 STEPS = 15
 
@@ -253,15 +259,7 @@ def test_the_launching_process_raises_the_named_error_with_the_default_launcher(
 def test_a_single_rank_fit_leaves_no_launcher_environment_behind():
     """A later fork-based fit would otherwise think its processes were launched externally (and with
     OMP_NUM_THREADS left set, forked children may deadlock in OpenMP)."""
-    launcher = (
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "NODE_RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "RANK",
-        "OMP_NUM_THREADS",
-    )
+    launcher = LAUNCH_ENVIRONMENT
     before = {key: os.environ.get(key) for key in launcher}
     trainer = pl.Trainer(
         devices=1, max_steps=2, strategy=lp.PicardStrategy(window_size=2), **quiet_trainer_kwargs()

@@ -9,6 +9,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+LAUNCH_ENVIRONMENT = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "RANK",
+    "OMP_NUM_THREADS",
+)
+"""What Lightning's launchers export into the launching process."""
+
 
 class ToyRegression(pl.LightningModule):
     """Linear–Dropout–Linear regression whose step also draws from numpy and ``random``."""
