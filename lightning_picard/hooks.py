@@ -18,17 +18,16 @@ All hooks are optional; a module that defines none is trained as one fixed vecto
     ``global_step`` had in that step's ``training_step`` (DreamGaussian's 1-based counter is ``step + 1``,
     which is ``trainer.global_step`` inside the hook). Under Picard it runs only inside the replay, on every
     rank, so every rank makes the same change (not when ``init="extrapolate"`` extrapolates guesses past the
-    window); in a sequential run the :class:`~lightning_picard.StepSeed`
-    callback runs it at the same point. It must be a deterministic function of the module's state, the
+    window); in a sequential run the :class:`~lightning_picard.StepSeed` callback runs it at the same point
+    and checks its report. It must be a deterministic function of the module's state, the
     optimizer's state, ``step`` and the step's gradients (still in ``.grad``): global RNGs are seeded for it
     from ``(seed, step)``. Use it to
 
     - change dimensions (densify/prune 3D Gaussians): resize parameters **in place** (``param.data = new_rows``;
       keep the Parameter objects), resize their optimizer state as the sequential code does, and return
       ``{name: parents}`` for every parameter, Picard buffer or step output whose rows changed (in number or
-      order; a prune plus a clone may keep the count), where
-      ``parents[i]`` is the row of the old tensor that new row ``i`` descends from (a pruned row has no
-      descendant, a clone or split child points at its parent);
+      order; a prune plus a clone may keep the count), where ``parents[i]`` is the row of the old tensor that
+      new row ``i`` descends from (a pruned row has no descendant, a clone or split child points at its parent);
     - update step-dependent buffers (occupancy grids every k steps, progressive masks, densification
       statistics) declared by ``picard_buffers``.
 
