@@ -78,9 +78,9 @@ def row_maps(source: Lineage, target: Lineage) -> dict[str, torch.Tensor] | None
         if source_ancestor is None:
             index = target_ancestor
         else:
-            first = torch.full((rows_at_fork,), len(source_ancestor), dtype=torch.int64)
-            first = first.to(source_ancestor.device)
-            rows = torch.arange(len(source_ancestor), device=source_ancestor.device)
+            device = source_ancestor.device
+            first = torch.full((rows_at_fork,), len(source_ancestor), dtype=torch.int64, device=device)
+            rows = torch.arange(len(source_ancestor), device=device)
             first.scatter_reduce_(0, source_ancestor, rows, reduce="amin")
             first[first == len(source_ancestor)] = _MISSING
             index = first if target_ancestor is None else first[target_ancestor]
