@@ -210,3 +210,14 @@ def test_extrapolated_guesses_leave_the_step_hook_out(monkeypatch):
     _picard(4, threshold=1e-3, init="extrapolate", module_class=Spy)
     assert any(extrapolated), "some rounds must have extrapolated"
     assert hook_calls and not any(hook_calls)
+
+
+def test_bf16_true_resizing_run_is_exact_too():
+    kwargs = quiet_trainer_kwargs(precision="bf16-true")
+    reference = GrowingBumps()
+    pl.Trainer(devices=1, max_steps=12, callbacks=[lp.StepSeed(0)], **kwargs).fit(reference, step_data())
+    module = GrowingBumps()
+    strategy = lp.PicardStrategy(window_size=3, threshold=0.0)
+    pl.Trainer(devices=1, max_steps=12, strategy=strategy, **kwargs).fit(module, step_data())
+    assert module.heights.dtype == torch.bfloat16
+    assert_same_state(module, reference)
