@@ -387,6 +387,7 @@ class PicardWindow:
         self._rows = [self._new_row() for _ in range(window_size + 1)]
         self._start = 0
         self._scratch = self._new_row()
+        self._maps: dict[tuple[tuple[int, ...], tuple[int, ...]], dict[str, torch.Tensor] | None] = {}
 
     def _new_row(self) -> _Row:
         return _Row(self.flat.flat.detach().clone(), self.flat.layout, self._buffer_copy())
@@ -492,6 +493,7 @@ class PicardWindow:
         if presence is None:
             presence = [self.flat.presence(gradient_row(j)) for j in range(n)]
         evaluated = [self._evaluated(self._row(j)) for j in range(n)]
+        self._maps.clear()  # keyed by event identity: valid while this round's lineages keep the events alive
         self._round = _RoundInFlight(snapshot)
         snapshot.capture()
         errors_device = torch.zeros(n, dtype=torch.float64, device=self.flat.flat.device)
@@ -545,7 +547,18 @@ class PicardWindow:
                 row.lineage = rebase(row.lineage, new_anchor)
         self.rounds += 1
         self._round = None
+        self._maps.clear()
         return RoundResult(window_start=window_start, skip=skip, errors=errors, threshold=self.threshold)
+
+    def _row_maps(self, source: Lineage, target: Lineage) -> dict[str, torch.Tensor] | None:
+        """:func:`row_maps`, memoised within a round: the error of row j + 1 and the gradient of slot j + 1 need
+        the same map."""
+        if not (source or target):
+            return None
+        key = (tuple(map(id, source)), tuple(map(id, target)))
+        if key not in self._maps:
+            self._maps[key] = row_maps(source, target)
+        return self._maps[key]
 
     def _evaluated(self, row: _Row) -> _Evaluated:
         outputs = self.buffers.outputs if self.buffers is not None else ()
@@ -562,7 +575,7 @@ class PicardWindow:
     ) -> Lineage:
         """Load a gradient onto the replayed state (``unproj`` if it was evaluated on other rows), run the
         update of ``step`` and adopt the module's resize report; returns the replayed state's lineage."""
-        maps = row_maps(evaluated.lineage, lineage) if (evaluated.lineage or lineage) else None
+        maps = self._row_maps(evaluated.lineage, lineage)
         self.flat.load_gradients(gradient, present, evaluated.layout, maps)
         if evaluated.outputs:
             numel = self.flat.header + sum(shape.numel() for shape in evaluated.layout)
@@ -586,7 +599,7 @@ class PicardWindow:
     def _squared_error(self, target: _Row, lineage: Lineage) -> tuple[torch.Tensor, int]:
         """‖replayed − guess‖² (after mapping the guess onto the replayed rows) and the number of values."""
         flat = self.flat.flat
-        maps = row_maps(target.lineage, lineage) if (target.lineage or lineage) else None
+        maps = self._row_maps(target.lineage, lineage)
         if maps is None:
             if target.layout != self.flat.layout:
                 raise RuntimeError(
