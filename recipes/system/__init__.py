@@ -1,0 +1,19 @@
+"""The shared text-to-3D system: one LightningModule composed from a scene, guidance and schedules."""
+
+from recipes.system.gaussian_scene import GaussianInit, GaussianScene
+from recipes.system.guidance import ClosedFormPriorConfig, Guidance, GuidanceConfig
+from recipes.system.module import TextTo3D
+from recipes.system.nerf_scene import NeRFOptimizer, NeRFScene
+from recipes.system.scene import Scene
+
+__all__ = [
+    "ClosedFormPriorConfig",
+    "GaussianInit",
+    "GaussianScene",
+    "Guidance",
+    "GuidanceConfig",
+    "NeRFOptimizer",
+    "NeRFScene",
+    "Scene",
+    "TextTo3D",
+]

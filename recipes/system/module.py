@@ -1,0 +1,216 @@
+"""The one LightningModule every text-to-3D recipe runs: scene + guidance + score distillation + outputs.
+
+A recipe is a YAML config that composes a :class:`~recipes.system.scene.Scene` (3D Gaussians, a NeRF, …), a
+:class:`~recipes.system.guidance.GuidanceConfig`, the SDS settings and the step schedules. The module is
+Picard-ready by construction (docs/picard-ready-module.md): every random choice of step ``s`` comes from the
+per-step seed, work between optimizer steps happens in ``picard_after_optimizer_step``, and the same module
+runs sequentially (it adds :class:`lightning_picard.StepSeed` itself when the strategy is not Picard).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_picard import PicardStrategy, StepSeed, step_generator
+from recipes.data.cameras import Cameras
+from recipes.export.video import image_grid, save_image, write_video
+from recipes.guidance.prompts import PromptConfig
+from recipes.guidance.sds import ScoreDistillationSampling, SDSConfig
+from recipes.system.guidance import Guidance, GuidanceConfig, prompt_config
+from recipes.system.scene import Scene
+
+SCENE_PREFIX = "scene."
+RENDER_STREAM, GUIDANCE_STREAM = 1, 2  # offsets of the step's independent random streams
+
+
+class TextTo3D(pl.LightningModule):
+    """Distil a diffusion model's score into a 3D scene, one optimizer step per camera batch.
+
+    Batches are :class:`~recipes.data.cameras.Cameras` (``recipes.data.random_cameras.RandomCameraDataModule``):
+    step ``s`` always gets the same cameras, on any rank.
+
+    Args:
+        scene: the representation (``class_path: recipes.system.GaussianScene`` or ``NeRFScene``).
+        prompt: what to generate. Must not be empty.
+        recipe: the recipe's name: names the run folder and is checked when a checkpoint is exported or
+            tested. Default is ``"text-to-3d"``.
+        guidance: the diffusion model. Default is Stable Diffusion 2.1 base.
+        prompt_options: view-dependent prompting, negative prompt, embedding cache; its ``prompt`` field is
+            replaced by ``prompt``. Default is threestudio's view-dependent prompting.
+        sds: Score Distillation Sampling settings (CFG scale, timestep schedule, weighting). Default is SDS's.
+        seed: base of the per-step seeds of a sequential run; under Picard it must equal the strategy's seed.
+            Default is 0.
+        mesh_resolution: marching-cubes grid size for mesh export. Default is 128.
+        texture_size: baked texture size for the ``.obj`` export (None: vertex colours). Default is 512.
+    """
+
+    def __init__(
+        self,
+        scene: Scene,
+        prompt: str,
+        recipe: str = "text-to-3d",
+        guidance: GuidanceConfig | None = None,
+        prompt_options: PromptConfig | None = None,
+        sds: SDSConfig | None = None,
+        seed: int = 0,
+        mesh_resolution: int = 128,
+        texture_size: int | None = 512,
+    ) -> None:
+        super().__init__()
+        self.prompt = prompt_config(prompt, prompt_options)
+        self.scene = scene
+        self.recipe = recipe
+        self.guidance_config = guidance if guidance is not None else GuidanceConfig()
+        self.sds_config = sds if sds is not None else SDSConfig()
+        self.seed = seed
+        self.mesh_resolution = mesh_resolution
+        self.texture_size = texture_size
+        self._guidance: dict[str, Guidance] = {}  # a plain dict: the model is never a submodule
+        self._test_frames: list[Tensor] = []
+
+    # --- set-up ---------------------------------------------------------------------------------------------
+
+    def check_data(self, datamodule: pl.LightningDataModule | None) -> None:
+        """Raise ``ValueError`` if the training cameras' resolution suits neither the scene nor the guidance."""
+        config = getattr(datamodule, "config", None)
+        if config is None or not hasattr(config, "resolution_at"):
+            return
+        milestones = [0, *getattr(config, "resolution_milestones", [])]
+        required = self.guidance_config.required_resolution()
+        for step in milestones:
+            height, width = config.resolution_at(step)
+            self.scene.check_resolution(height, width)
+            if required is not None and (height, width) != required:
+                raise ValueError(
+                    f"the {self.guidance_config.model} guidance needs {required[0]}x{required[1]} renders but "
+                    f"the cameras render {height}x{width} from step {step}; set data.cameras.height/width to "
+                    f"{required[0]} or guidance.closed_form.height to {height}"
+                )
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.check_data(getattr(self.trainer, "datamodule", None))
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        strategy = self.trainer.strategy
+        if isinstance(strategy, PicardStrategy):
+            if strategy.seed != self.seed:
+                raise ValueError(
+                    f"model.seed={self.seed} but the Picard strategy's seed is {strategy.seed}: they are the same "
+                    "per-step seed. Set both, e.g. --model.seed 3 --trainer.strategy.seed 3 "
+                    "(strategy given as class_path: lightning_picard.PicardStrategy)."
+                )
+            return []
+        return [StepSeed(self.seed)]
+
+    @property
+    def guidance(self) -> Guidance:
+        """The loaded guidance (loaded on first use, on this module's device)."""
+        if "loaded" not in self._guidance:
+            rank_zero_info(f"Loading guidance: {self.guidance_config.model}")
+            self._guidance["loaded"] = Guidance.load(self.guidance_config, self.prompt, self.device)
+        return self._guidance["loaded"]
+
+    def on_fit_start(self) -> None:
+        self.guidance  # noqa: B018  (load before the first step, not inside a timed slot)
+
+    def configure_optimizers(self) -> Any:
+        optimizer, scheduler = self.scene.configure_optimizers()
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- training -------------------------------------------------------------------------------------------
+
+    def training_step(self, cameras: Cameras, batch_idx: int) -> Tensor:
+        step = self.global_step
+        self.scene.prepare_step(step)
+        out = self.scene.render(cameras, generator=step_generator(offset=RENDER_STREAM))
+        generator = step_generator(offset=GUIDANCE_STREAM)
+        guidance = self.guidance
+        x = guidance.encode(out["comp_rgb"], generator)
+        condition, uncondition = guidance.conditions(cameras)
+        sds = ScoreDistillationSampling(guidance.denoiser, self.sds_config)
+        distilled = sds(x, condition, uncondition, global_step=step, generator=generator)
+        loss = distilled.loss
+        self.log("train/loss_sds", loss.detach(), prog_bar=False)
+        self.log("train/t", distilled.t.float().mean())
+        return loss
+
+    # --- Picard protocol (delegated to the scene, which owns the state) ------------------------------------
+
+    def picard_buffers(self) -> dict[str, bool]:
+        return self.scene.picard_buffers(SCENE_PREFIX)
+
+    def picard_step_outputs(self) -> list[str]:
+        return self.scene.picard_step_outputs(SCENE_PREFIX)
+
+    def picard_after_optimizer_step(self, step: int) -> dict[str, Tensor] | None:
+        return self.scene.after_optimizer_step(step, self.optimizers(use_pl_optimizer=False), SCENE_PREFIX)
+
+    # --- outputs --------------------------------------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        """Where images, videos and meshes go: the Trainer's ``default_root_dir`` (the run folder)."""
+        return Path(self.trainer.default_root_dir)
+
+    @torch.no_grad()
+    def render_views(self, cameras: Cameras) -> Tensor:
+        """RGB renders ``[B, H, W, 3]`` in [0, 1] in evaluation mode (no random shading)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.scene.render(cameras.to(self.device))["comp_rgb"].clamp(0, 1)
+        finally:
+            self.train(was_training)
+
+    def validation_step(self, cameras: Cameras, batch_idx: int) -> None:
+        rgb = self.render_views(cameras)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            path = self.run_dir / "val" / f"step{self.global_step:06d}-view{batch_idx:02d}.png"
+            save_image(path, image_grid(rgb))
+
+    def test_step(self, cameras: Cameras, batch_idx: int) -> None:
+        self._test_frames.append(self.render_views(cameras).cpu())
+
+    def on_test_epoch_start(self) -> None:
+        self._test_frames = []
+
+    def on_test_epoch_end(self) -> None:
+        if not self._test_frames or not self.trainer.is_global_zero:
+            return
+        frames = torch.cat(self._test_frames)
+        stem = self.run_dir / "test" / f"turntable-step{self.global_step:06d}"
+        for suffix in (".mp4", ".gif"):
+            write_video(stem.with_suffix(suffix), frames)
+        save_image(stem.with_suffix(".png"), image_grid(frames[:: max(1, len(frames) // 8)][:8]))
+        rank_zero_info(f"Turntable written to {stem}.mp4 and .gif")
+        self._test_frames = []
+
+    def export(self, directory: Path | None = None) -> list[Path]:
+        """Write the mesh (``.obj`` with baked texture, ``.glb``) into ``directory`` (default: RUN/export)."""
+        directory = Path(directory) if directory is not None else self.run_dir / "export"
+        return self.scene.export_mesh(directory / "mesh", self.mesh_resolution, self.texture_size)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["recipe"] = {"name": self.recipe, "scene": type(self.scene).__name__}
+
+    def check_checkpoint(self, checkpoint: dict[str, Any], path: str | Path) -> None:
+        """Raise ``ValueError`` if ``checkpoint`` was written by another recipe or representation."""
+        saved = checkpoint.get("recipe")
+        ours = {"name": self.recipe, "scene": type(self.scene).__name__}
+        if saved is None:
+            raise ValueError(f"{path} is not a checkpoint of a lightning-picard recipe (no 'recipe' entry)")
+        if saved != ours:
+            raise ValueError(
+                f"{path} is a checkpoint of recipe {saved['name']!r} ({saved['scene']}), but the config is "
+                f"recipe {ours['name']!r} ({ours['scene']}); pass that recipe's config with -c, or omit -c to use "
+                "the config saved in the checkpoint's run folder"
+            )

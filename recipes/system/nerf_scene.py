@@ -1,0 +1,167 @@
+"""A NeRF (hash grid + MLPs) as a :class:`~recipes.system.scene.Scene`: DreamFusion's representation.
+
+The occupancy grid that skips empty space is state that changes between optimizer steps: it is refreshed in
+:meth:`NeRFScene.after_optimizer_step` (the Picard replay, or :class:`lightning_picard.StepSeed` in a
+sequential run) from the parameters after the step, and declared as a Picard buffer so every guess carries its
+own. Progressive hash-grid levels and the ambient-only shading phase are pure functions of the step
+(:meth:`NeRFScene.prepare_step`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from recipes.data.cameras import Cameras
+from recipes.export.mesh import export_mesh, marching_cubes
+from recipes.geometry.nerf import ImplicitVolume, ImplicitVolumeConfig
+from recipes.render.background import (
+    NeuralEnvironmentMapBackground,
+    NeuralEnvironmentMapConfig,
+    SolidColorBackground,
+    SolidColorConfig,
+)
+from recipes.render.materials import (
+    DiffusePointLightConfig,
+    DiffusePointLightMaterial,
+    NoMaterial,
+    NoMaterialConfig,
+    albedo_activation,
+)
+from recipes.render.volume import VolumeRenderer, VolumeRendererConfig
+from recipes.system.scene import Scene
+
+
+@dataclass
+class NeRFOptimizer:
+    """Adam(W) over the field and the background (threestudio's DreamFusion: Adam 0.01, background 0.001).
+
+    Attributes:
+        name: ``"adam"`` or ``"adamw"``. Default is ``"adam"``.
+        lr: learning rate of the field (hash grid and MLPs). Default is 0.01.
+        background_lr: learning rate of a learned background. Default is 0.001.
+        betas: Adam's betas. Default is (0.9, 0.99).
+        eps: Adam's epsilon. Default is 1e-15.
+        weight_decay: AdamW's weight decay. Default is 0.
+    """
+
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 0.01
+    background_lr: float = 0.001
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+
+
+class NeRFScene(Scene):
+    """Density field + material + background, rendered by the volume renderer.
+
+    Args:
+        field: the hash-grid field. Default is threestudio's ``implicit-volume``.
+        material: ``"diffuse"`` (albedo lit by a point light, DreamFusion) or ``"none"`` (unlit colour).
+            Default is ``"diffuse"``.
+        diffuse: settings of the diffuse material. Default is threestudio's.
+        unlit: settings of the unlit material. Default is sigmoid colour.
+        background: ``"solid"`` or ``"environment"`` (a learned environment map). Default is ``"environment"``.
+        solid: the solid background. Default is white.
+        environment: the learned environment map. Default is threestudio's.
+        renderer: samples per ray, occupancy grid, backend. Default is threestudio's.
+        optimizer: learning rates. Default is DreamFusion's.
+        mesh_threshold: iso-density for mesh export. Default is 25 (threestudio's ``isosurface_threshold``).
+    """
+
+    def __init__(
+        self,
+        field: ImplicitVolumeConfig | None = None,
+        material: Literal["diffuse", "none"] = "diffuse",
+        diffuse: DiffusePointLightConfig | None = None,
+        unlit: NoMaterialConfig | None = None,
+        background: Literal["solid", "environment"] = "environment",
+        solid: SolidColorConfig | None = None,
+        environment: NeuralEnvironmentMapConfig | None = None,
+        renderer: VolumeRendererConfig | None = None,
+        optimizer: NeRFOptimizer | None = None,
+        mesh_threshold: float = 25.0,
+    ) -> None:
+        super().__init__()
+        geometry = ImplicitVolume(field)
+        if material == "diffuse":
+            shading: nn.Module = DiffusePointLightMaterial(diffuse)
+        elif material == "none":
+            shading = NoMaterial(unlit)
+        else:
+            raise ValueError(f"unknown material {material!r}; use 'diffuse' or 'none'")
+        if background == "solid":
+            backdrop: nn.Module = SolidColorBackground(solid)
+        elif background == "environment":
+            backdrop = NeuralEnvironmentMapBackground(environment)
+        else:
+            raise ValueError(f"unknown background {background!r}; use 'solid' or 'environment'")
+        self.renderer = VolumeRenderer(geometry, shading, backdrop, renderer)
+        self.optimizer_config = optimizer if optimizer is not None else NeRFOptimizer()
+        self.mesh_threshold = mesh_threshold
+
+    @property
+    def geometry(self) -> ImplicitVolume:
+        return self.renderer.geometry
+
+    def render(self, cameras: Cameras, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        out = self.renderer(cameras, generator=generator)
+        return {key: value for key, value in out.items() if torch.is_tensor(value)}
+
+    def prepare_step(self, step: int) -> None:
+        for part in (self.renderer.geometry, self.renderer.material, self.renderer.background):
+            if hasattr(part, "update_step"):
+                part.update_step(step)
+
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
+        cfg = self.optimizer_config
+        groups = [{"params": list(self.renderer.geometry.parameters()), "lr": cfg.lr, "name": "geometry"}]
+        background = [p for p in self.renderer.background.parameters() if p.requires_grad]
+        if background:
+            groups.append({"params": background, "lr": cfg.background_lr, "name": "background"})
+        optimizer_class = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        return optimizer_class(groups, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay), None
+
+    def picard_buffers(self, prefix: str) -> dict[str, bool]:
+        names = [f"{prefix}renderer.occupancy_grid.{name}" for name in ("occupancy", "binary")]
+        names += [
+            f"{prefix}{name}" for name, _ in self.named_buffers() if name.endswith("band_mask")
+        ]  # set by prepare_step inside the hook too
+        return dict.fromkeys(names, False)
+
+    @torch.no_grad()
+    def after_optimizer_step(
+        self, step: int, optimizer: torch.optim.Optimizer, prefix: str
+    ) -> dict[str, Tensor] | None:
+        self.prepare_step(step + 1)  # the occupancy of step s + 1 is measured with step s + 1's field
+        self.renderer.occupancy_grid.update(step + 1, self.renderer.occupancy_fn)
+        return None
+
+    @torch.no_grad()
+    def export_mesh(self, stem: Path, resolution: int = 128, texture_size: int | None = 512) -> list[Path]:
+        geometry = self.geometry
+        mesh = marching_cubes(geometry.density, resolution, geometry.radius, level=self.mesh_threshold)
+        if mesh.faces.shape[0] == 0:
+            raise ValueError(
+                f"the density never reaches mesh_threshold={self.mesh_threshold} inside the scene box; "
+                "lower scene.init_args.mesh_threshold"
+            )
+        activation = getattr(self.renderer.material.config, "albedo_activation", "sigmoid")
+
+        def color(points: Tensor) -> Tensor:
+            features = geometry(points.to(next(geometry.parameters()).device)).features
+            return albedo_activation(activation, features[..., :3])
+
+        stem = Path(stem)
+        return [
+            export_mesh(stem.with_suffix(".obj"), mesh, color, texture_size=texture_size),
+            export_mesh(stem.with_suffix(".glb"), mesh, color),
+        ]
+
+
+__all__ = ["NeRFOptimizer", "NeRFScene"]
