@@ -11,6 +11,7 @@ another number of Gaussians loads into an existing module.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -157,13 +158,18 @@ class GaussianLearningRates:
 
 
 class PositionLRFactor:
-    """``LambdaLR`` factor for the means group: scheduler epoch k is optimizer step k + 1 in DreamGaussian."""
+    """``LambdaLR`` factor for the means group: scheduler epoch k is optimizer step k + 1 in DreamGaussian.
+
+    It keeps the learning rates as a plain dict: ``LambdaLR.state_dict()`` saves this object's ``__dict__``, and a
+    checkpoint of plain values loads with ``torch.load(weights_only=True)``.
+    """
 
     def __init__(self, lrs: GaussianLearningRates) -> None:
-        self.lrs = lrs
+        self.lrs_fields = dataclasses.asdict(lrs)
 
     def __call__(self, scheduler_step: int) -> float:
-        return self.lrs.position_lr(scheduler_step + 1) / self.lrs.base_lrs()["means"]
+        lrs = GaussianLearningRates(**self.lrs_fields)
+        return lrs.position_lr(scheduler_step + 1) / lrs.base_lrs()["means"]
 
 
 class Gaussians(nn.Module):

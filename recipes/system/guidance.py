@@ -150,6 +150,6 @@ def prompt_config(prompt: str, options: PromptConfig | None) -> PromptConfig:
     """``options`` (view-dependent prompting, negative prompt, cache) with its text set to ``prompt``."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(
-            "the prompt is empty; pass the text to generate, e.g. --model.prompt \"a ripe strawberry\""
+            'the prompt is empty; pass the text to generate, e.g. --model.prompt "a ripe strawberry"'
         )
     return replace(options if options is not None else PromptConfig(), prompt=prompt.strip())

@@ -73,6 +73,7 @@ class TextTo3D(pl.LightningModule):
         self.texture_size = texture_size
         self._guidance: dict[str, Guidance] = {}  # a plain dict: the model is never a submodule
         self._test_frames: list[Tensor] = []
+        self._checkpoint_step = 0  # the step of the loaded checkpoint (test does not restore global_step)
 
     # --- set-up ---------------------------------------------------------------------------------------------
 
@@ -187,7 +188,7 @@ class TextTo3D(pl.LightningModule):
         if not self._test_frames or not self.trainer.is_global_zero:
             return
         frames = torch.cat(self._test_frames)
-        stem = self.run_dir / "test" / f"turntable-step{self.global_step:06d}"
+        stem = self.run_dir / "test" / f"turntable-step{self._checkpoint_step:06d}"
         for suffix in (".mp4", ".gif"):
             write_video(stem.with_suffix(suffix), frames)
         save_image(stem.with_suffix(".png"), image_grid(frames[:: max(1, len(frames) // 8)][:8]))
@@ -198,6 +199,9 @@ class TextTo3D(pl.LightningModule):
         """Write the mesh (``.obj`` with baked texture, ``.glb``) into ``directory`` (default: RUN/export)."""
         directory = Path(directory) if directory is not None else self.run_dir / "export"
         return self.scene.export_mesh(directory / "mesh", self.mesh_resolution, self.texture_size)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._checkpoint_step = int(checkpoint.get("global_step", 0))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["recipe"] = {"name": self.recipe, "scene": type(self.scene).__name__}

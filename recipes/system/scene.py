@@ -34,7 +34,9 @@ class Scene(nn.Module):
         Default is nothing. Never keep state across steps here: that belongs in :meth:`after_optimizer_step`.
         """
 
-    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    def configure_optimizers(
+        self,
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
         """The optimizer over this scene's parameters and an optional per-step LR scheduler."""
         raise NotImplementedError
 

@@ -1,0 +1,252 @@
+"""``lightning-picard``: the recipes' command line (LightningCLI with run folders, plus ``export`` and ``demo``).
+
+::
+
+    lightning-picard fit -c recipes/configs/dreamgaussian.yaml --model.prompt "a ripe strawberry"
+    lightning-picard fit -c … --trainer.strategy=auto          # the sequential baseline, same per-step seeds
+    lightning-picard test --ckpt_path RUN/checkpoints/last.ckpt  # the 120-view turntable into RUN/test
+    lightning-picard export --ckpt_path RUN/checkpoints/last.ckpt  # the mesh into RUN/export
+    lightning-picard demo                                      # sequential vs Picard on this CPU
+
+``fit`` writes one folder per run, ``<root>/<recipe>/<prompt>@<time>`` with root ``--trainer.default_root_dir``
+(default ``outputs``) or exactly ``--run_dir``: the resolved ``config.yaml``, ``metrics.csv``,
+``checkpoints/`` (``last.ckpt`` at the end), ``val/`` images; ``test`` adds ``test/`` (turntable .mp4/.gif) and
+``export`` adds ``export/`` (``mesh.obj`` with its texture, ``mesh.glb``). ``test`` and ``export`` find the
+run's ``config.yaml`` from the checkpoint, so ``-c`` is only needed for a checkpoint outside a run folder.
+A folder that already holds a run is never reused, except to resume it from one of its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import lightning_picard  # noqa: F401  (registers the "picard" strategies)
+from recipes.system.module import TextTo3D
+
+RUN_DIR_ENV = "LIGHTNING_PICARD_RUN_DIR"
+"""Set by the launching process so that every rank of a multi-process run uses the same run folder."""
+DEFAULT_ROOT = "outputs"
+CONFIG_NAME = "config.yaml"
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used (it holds another run)."""
+
+
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name-safe short form of ``text``: ``"A ripe strawberry!"`` → ``"a_ripe_strawberry"``."""
+    cleaned = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    return cleaned[:limit].rstrip("_") or "run"
+
+
+def new_run_dir(root: Path, recipe: str, prompt: str) -> Path:
+    """``root/recipe/prompt@YYYYmmdd-HHMMSS`` (with ``-2``, ``-3`` … if that exists already)."""
+    base = root / slug(recipe) / f"{slug(prompt)}@{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def check_run_dir_free(run_dir: Path, ckpt_path: str | None) -> None:
+    """Raise :class:`RunFolderError` if ``run_dir`` holds a run, unless ``ckpt_path`` resumes that run."""
+    if not (run_dir / CONFIG_NAME).exists():
+        return
+    if ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve()):
+        return
+    raise RunFolderError(
+        f"run folder {run_dir} already holds a run; choose another --run_dir, or resume that run with "
+        f"--ckpt_path {run_dir / 'checkpoints' / 'last.ckpt'}"
+    )
+
+
+def run_dir_of_checkpoint(ckpt_path: str | Path) -> Path | None:
+    """The run folder a checkpoint belongs to (the nearest parent holding ``config.yaml``), if any."""
+    for parent in Path(ckpt_path).resolve().parents:
+        if (parent / CONFIG_NAME).exists():
+            return parent
+    return None
+
+
+class RecipeCLI(LightningCLI):
+    """LightningCLI for the recipes: :class:`~recipes.system.TextTo3D` models, camera datamodules, run folders."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        fitting = bool(args) and args[0] == "fit"
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True, "config_filename": CONFIG_NAME})
+        if not fitting:
+            kwargs.setdefault("save_config_callback", None)  # test/export never rewrite the run's config
+        super().__init__(
+            TextTo3D,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_dir",
+            type=str | None,
+            default=None,
+            help="Exact run folder (default: <trainer.default_root_dir or outputs>/<recipe>/<prompt>@<time>).",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit":
+            run_dir = self._fit_run_dir(config)
+            config.trainer.default_root_dir = str(run_dir)
+            if config.trainer.logger in (None, True):
+                config.trainer.logger = Namespace(
+                    class_path="lightning.pytorch.loggers.CSVLogger",
+                    init_args=Namespace(save_dir=str(run_dir), name="", version=""),
+                )
+        else:  # test, validate, predict, export: one process, outputs into the checkpoint's run folder
+            ckpt_path = config.get("ckpt_path")
+            run_dir = run_dir_of_checkpoint(ckpt_path) if ckpt_path else None
+            if run_dir is not None:
+                config.trainer.default_root_dir = str(run_dir)
+            config.trainer.logger = False
+            config.trainer.devices = 1
+            config.trainer.num_nodes = 1
+            config.trainer.strategy = "auto"
+
+    def _fit_run_dir(self, config: Namespace) -> Path:
+        inherited = os.environ.get(RUN_DIR_ENV)
+        if inherited:  # a rank started by the launcher: the run folder was chosen by the first process
+            return Path(inherited)
+        if config.run_dir:
+            run_dir = Path(config.run_dir)
+            check_run_dir_free(run_dir, config.get("ckpt_path"))
+        else:
+            init_args = config.model.init_args
+            root = Path(config.trainer.default_root_dir or DEFAULT_ROOT)
+            run_dir = new_run_dir(root, init_args.recipe, init_args.prompt)
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        return run_dir
+
+    def before_fit(self) -> None:
+        self.model.check_data(self.datamodule)
+        self.model.guidance_config.check_available()
+        for callback in self.trainer.checkpoint_callbacks:
+            if callback.save_last is None:
+                callback.save_last = True
+        print(f"Run folder: {self.trainer.default_root_dir}", file=sys.stderr)
+
+    def before_test(self) -> None:
+        self._check_checkpoint()
+
+    def before_validate(self) -> None:
+        self._check_checkpoint()
+
+    def _check_checkpoint(self) -> None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path:
+            self.model.check_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint from ``path`` (on CPU), with a clear error when it is missing or not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass --ckpt_path RUN/checkpoints/last.ckpt"
+        )
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def _with_run_config(argv: list[str]) -> list[str]:
+    """Add ``-c RUN/config.yaml`` when the command names a checkpoint of a run folder and no config."""
+    if any(arg in ("-c", "--config") or arg.startswith("--config=") for arg in argv):
+        return argv
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--ckpt_path")
+    known, _ = probe.parse_known_args(argv[1:])
+    run_dir = run_dir_of_checkpoint(known.ckpt_path) if known.ckpt_path else None
+    if run_dir is None:
+        return argv
+    return [
+        argv[0],
+        "-c",
+        _subcommand_config(run_dir / CONFIG_NAME, keep_ckpt_key=argv[0] != "export"),
+        *argv[1:],
+    ]
+
+
+def _subcommand_config(path: Path, keep_ckpt_key: bool) -> str:
+    """The run's saved config as a file the parser accepts (``run=False`` parsers have no ``ckpt_path``)."""
+    if keep_ckpt_key:
+        return str(path)
+    config = yaml.safe_load(path.read_text())
+    for key in ("ckpt_path", "weights_only"):  # arguments of the Trainer methods, not of the classes
+        config.pop(key, None)
+    handle, name = tempfile.mkstemp(suffix=".yaml", prefix="lightning-picard-")
+    with os.fdopen(handle, "w") as file:
+        yaml.safe_dump(config, file)
+    return name
+
+
+def export(argv: list[str]) -> list[Path]:
+    """``lightning-picard export [-c CONFIG] --ckpt_path CKPT [--out DIR]``: write the mesh of a checkpoint."""
+    probe = argparse.ArgumentParser(prog="lightning-picard export", add_help=False)
+    probe.add_argument("--ckpt_path", required=True, help="the checkpoint to export")
+    probe.add_argument("--out", default=None, help="output folder (default: RUN/export)")
+    known, rest = probe.parse_known_args(argv)
+    rest = [arg for arg in _with_run_config(["export", "--ckpt_path", known.ckpt_path, *rest])[1:]]
+    rest = [
+        arg for i, arg in enumerate(rest) if arg != "--ckpt_path" and (i == 0 or rest[i - 1] != "--ckpt_path")
+    ]
+    checkpoint = load_checkpoint(known.ckpt_path)
+    cli = RecipeCLI(args=rest, run=False, save_config_callback=None)
+    model = cli.model
+    model.check_checkpoint(checkpoint, known.ckpt_path)
+    model.load_state_dict(checkpoint["state_dict"])
+    run_dir = run_dir_of_checkpoint(known.ckpt_path)
+    out = Path(known.out) if known.out else (run_dir or Path(known.ckpt_path).parent) / "export"
+    paths = model.scene.export_mesh(out / "mesh", model.mesh_resolution, model.texture_size)
+    for path in paths:
+        print(f"Wrote {path}", file=sys.stderr)
+    return paths
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Entry point of the ``lightning-picard`` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    command = argv[0] if argv else ""
+    if command == "demo":
+        from recipes.demo import main as demo_main
+
+        return demo_main(argv[1:])
+    if command == "export":
+        return export(argv[1:])
+    if command in ("test", "validate", "predict"):
+        argv = _with_run_config(argv)
+    try:
+        return RecipeCLI(args=argv)
+    finally:
+        if command == "fit" and os.environ.get("LOCAL_RANK", "0") == "0":
+            os.environ.pop(RUN_DIR_ENV, None)
+
+
+if __name__ == "__main__":
+    main()
