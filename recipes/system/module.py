@@ -9,6 +9,8 @@ runs sequentially (it adds :class:`lightning_picard.StepSeed` itself when the st
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,7 @@ class TextTo3D(pl.LightningModule):
         self.texture_size = texture_size
         self._guidance: dict[str, Guidance] = {}  # a plain dict: the model is never a submodule
         self._test_frames: list[Tensor] = []
+        self._train_started = time.perf_counter()
         self._checkpoint_step = 0  # the step of the loaded checkpoint (test does not restore global_step)
 
     # --- set-up ---------------------------------------------------------------------------------------------
@@ -120,6 +123,26 @@ class TextTo3D(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.guidance  # noqa: B018  (load before the first step, not inside a timed slot)
+
+    def on_train_start(self) -> None:
+        self._train_started = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        """Write ``run.json`` (steps, rounds, fit seconds, strategy) into the run folder."""
+        if not self.trainer.is_global_zero:
+            return
+        rounds = self.trainer.callback_metrics.get("picard/rounds")
+        info = {
+            "recipe": self.recipe,
+            "prompt": self.prompt.prompt,
+            "steps": int(self.trainer.global_step),
+            "rounds": int(rounds.item()) if rounds is not None else int(self.trainer.global_step),
+            "fit_seconds": time.perf_counter() - self._train_started,
+            "strategy": type(self.trainer.strategy).__name__,
+            "world_size": self.trainer.world_size,
+        }
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
     def configure_optimizers(self) -> Any:
         optimizer, scheduler = self.scene.configure_optimizers()
