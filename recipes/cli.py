@@ -144,6 +144,7 @@ class RecipeCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.model.check_data(self.datamodule)
+        self.model.scene.check_device(self.trainer.strategy.root_device)
         self.model.guidance_config.check_available()
         for callback in self.trainer.checkpoint_callbacks:
             if callback.save_last is None:

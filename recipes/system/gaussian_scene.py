@@ -28,7 +28,7 @@ from recipes.geometry.gaussians import (
     covariances,
     resize_rows_to_state_dict,
 )
-from recipes.render.gaussians_raster import GaussianBackend, render_gaussians
+from recipes.render.gaussians_raster import GaussianBackend, render_gaussians, resolve_backend
 from recipes.system.scene import Scene
 
 SCREEN_OUTPUTS = ("screen_grad", "screen_radii")
@@ -92,6 +92,14 @@ class GaussianScene(Scene):
         self.backend = backend
         self.mesh_level = mesh_level
         self.mesh_radius = mesh_radius
+
+    def check_device(self, device: torch.device) -> None:
+        if self.backend == "gsplat" and device.type != "cuda":
+            raise ValueError(
+                f"scene backend 'gsplat' renders on CUDA only, but this run is on {device.type}; "
+                "set scene.init_args.backend to 'torch' (or 'auto')"
+            )
+        resolve_backend(self.backend, device)
 
     def render(self, cameras: Cameras, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         out = render_gaussians(self.gaussians, cameras, self.background, backend=self.backend)

@@ -109,6 +109,18 @@ class NeRFScene(Scene):
     def geometry(self) -> ImplicitVolume:
         return self.renderer.geometry
 
+    def check_device(self, device: torch.device) -> None:
+        backends = {
+            "renderer": self.renderer.config.backend,
+            "hash grid": self.geometry.config.encoding.backend,
+        }
+        for part, backend in backends.items():
+            if backend not in ("torch", "auto") and device.type != "cuda":
+                raise ValueError(
+                    f"the {part} backend {backend!r} runs on CUDA only, but this run is on {device.type}; "
+                    f"set it to 'torch' in the scene's config"
+                )
+
     def render(self, cameras: Cameras, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         out = self.renderer(cameras, generator=generator)
         return {key: value for key, value in out.items() if torch.is_tensor(value)}

@@ -63,6 +63,9 @@ class Scene(nn.Module):
         if height < 1 or width < 1:
             raise ValueError(f"render resolution must be positive, got {height}x{width}")
 
+    def check_device(self, device: torch.device) -> None:
+        """Raise ``ValueError`` if a backend this scene was configured with cannot run on ``device``. Default accepts any."""
+
     @torch.no_grad()
     def export_mesh(self, stem: Path, resolution: int = 128, texture_size: int | None = 512) -> list[Path]:
         """Write the object as ``stem.obj`` (textured when ``texture_size`` is set) and ``stem.glb``."""

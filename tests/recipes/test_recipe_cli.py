@@ -1,0 +1,158 @@
+"""The recipes through the ``lightning-picard`` command line, as a user runs them (smoke configs, CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+import torch
+import trimesh
+
+from recipes.cli import RunFolderError, main
+from recipes.guidance.loading import GuidanceModelNotFoundError
+
+SMOKE = Path(__file__).parents[2] / "recipes" / "configs" / "smoke"
+RECIPES = ("dreamgaussian", "dreamfusion")
+EXACT_PICARD = [
+    "--trainer.devices=2",
+    "--trainer.strategy=lightning_picard.PicardStrategy",
+    "--trainer.strategy.window_size=3",
+    "--trainer.strategy.threshold=0.0",
+    "--trainer.strategy.start_method=fork",
+]
+
+
+def fit(recipe: str, run_dir: Path, *overrides: str) -> Path:
+    main(["fit", "-c", str(SMOKE / f"{recipe}.yaml"), "--run_dir", str(run_dir), *overrides])
+    return run_dir
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
+
+
+@pytest.fixture(scope="module", params=RECIPES)
+def sequential_run(request, tmp_path_factory) -> tuple[str, Path]:
+    """One thread, like each Picard process: CPU kernels may round differently with another thread count."""
+    recipe = request.param
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return recipe, fit(recipe, tmp_path_factory.mktemp(recipe) / "sequential")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_smoke_run_writes_its_run_folder(sequential_run):
+    recipe, run_dir = sequential_run
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "metrics.csv").is_file()
+    assert list((run_dir / "val").glob("*.png"))
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["recipe"] == recipe and info["steps"] == info["rounds"] > 0
+    assert info["strategy"] == "SingleDeviceStrategy"
+    if recipe == "dreamgaussian":  # the smoke run densifies
+        assert final_state(run_dir)["scene.gaussians.means"].shape[0] != 40
+
+
+@pytest.mark.multiprocess
+def test_two_rank_picard_at_threshold_zero_equals_the_sequential_run_bit_for_bit(sequential_run, tmp_path):
+    recipe, sequential = sequential_run
+    picard = fit(recipe, tmp_path / "picard", *EXACT_PICARD)
+    info = json.loads((picard / "run.json").read_text())
+    assert info["strategy"] == "PicardStrategy" and info["world_size"] == 2
+    ours, theirs = final_state(picard), final_state(sequential)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+@pytest.mark.multiprocess
+def test_adaptive_picard_on_two_ranks_needs_fewer_rounds(tmp_path):
+    run_dir = fit(
+        "dreamgaussian",
+        tmp_path / "adaptive",
+        "--trainer.devices=2",
+        "--trainer.strategy=picard_fork",
+    )
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["steps"] == 6 and info["rounds"] < 6
+
+
+def test_test_and_export_write_files_that_reopen(sequential_run):
+    recipe, run_dir = sequential_run
+    checkpoint = str(run_dir / "checkpoints" / "last.ckpt")
+    main(["test", "--ckpt_path", checkpoint])  # finds the run's config.yaml itself
+    (gif,) = (run_dir / "test").glob("*.gif")
+    (mp4,) = (run_dir / "test").glob("*.mp4")
+    assert iio.imread(gif).shape[0] == 4  # the smoke config's test views
+    assert iio.imread(mp4, plugin="FFMPEG", index=None).shape[0] == 4
+    paths = main(["export", "--ckpt_path", checkpoint])
+    assert {p.suffix for p in paths} == {".obj", ".glb"}
+    for path in paths:
+        mesh = trimesh.load(path, force="mesh")
+        assert len(mesh.faces) > 0
+
+
+def test_an_empty_prompt_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        fit("dreamgaussian", tmp_path / "run", "--model.prompt= ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_config_key_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fit("dreamgaussian", tmp_path / "run", "--model.init_args.no_such_option=1")
+    assert "no_such_option" in capsys.readouterr().err
+
+
+def test_missing_guidance_weights_say_how_to_get_them(tmp_path):
+    missing = tmp_path / "no-model-here"
+    with pytest.raises(GuidanceModelNotFoundError, match="no-model-here"):
+        fit(
+            "dreamgaussian",
+            tmp_path / "run",
+            "--model.guidance.model=stable-diffusion",
+            f"--model.guidance.pretrained_model_name_or_path={missing}",
+        )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resolution_the_prior_cannot_take_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="needs 32x32 renders"):
+        fit("dreamgaussian", tmp_path / "run", "--data.cameras.height=24", "--data.cameras.width=24")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_gpu_only_backend_on_cpu_is_refused(tmp_path):
+    with pytest.raises((ValueError, ImportError), match="gsplat"):
+        fit("dreamgaussian", tmp_path / "run", "--model.scene.backend=gsplat")
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_refuses_a_checkpoint_of_another_recipe(sequential_run, tmp_path):
+    recipe, run_dir = sequential_run
+    other = "dreamfusion" if recipe == "dreamgaussian" else "dreamgaussian"
+    with pytest.raises(ValueError, match=f"checkpoint of recipe '{recipe}'"):
+        main(
+            [
+                "export",
+                "-c",
+                str(SMOKE / f"{other}.yaml"),
+                "--ckpt_path",
+                str(run_dir / "checkpoints" / "last.ckpt"),
+            ]
+        )
+    assert not (run_dir / "export" / "mesh.glb").exists() or recipe == "dreamgaussian"
+
+
+def test_a_folder_holding_a_run_is_never_reused(sequential_run):
+    recipe, run_dir = sequential_run
+    before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        fit(recipe, run_dir)
+    assert (run_dir / "config.yaml").read_text() == before
