@@ -84,7 +84,7 @@ def test_adaptive_picard_on_two_ranks_needs_fewer_rounds(tmp_path):
 
 
 def test_test_and_export_write_files_that_reopen(sequential_run):
-    recipe, run_dir = sequential_run
+    _, run_dir = sequential_run
     checkpoint = str(run_dir / "checkpoints" / "last.ckpt")
     main(["test", "--ckpt_path", checkpoint])  # finds the run's config.yaml itself
     (gif,) = (run_dir / "test").glob("*.gif")
