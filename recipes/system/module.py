@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_picard import PicardStrategy, StepSeed, step_generator
+from lightning_picard.progress import picard_progress_bar
 from recipes.data.cameras import Cameras
 from recipes.export.video import image_grid, save_image, write_video
 from recipes.guidance.prompts import PromptConfig
@@ -102,6 +103,9 @@ class TextTo3D(pl.LightningModule):
             self.check_data(getattr(self.trainer, "datamodule", None))
 
     def configure_callbacks(self) -> list[pl.Callback]:
+        """:class:`~lightning_picard.StepSeed` in sequential runs, and a bar that counts steps (and rounds)."""
+        bar = picard_progress_bar(self.trainer)
+        callbacks: list[pl.Callback] = [] if bar is None else [bar]
         strategy = self.trainer.strategy
         if isinstance(strategy, PicardStrategy):
             if strategy.seed != self.seed:
@@ -110,8 +114,8 @@ class TextTo3D(pl.LightningModule):
                     "per-step seed. Set both, e.g. --model.seed 3 --trainer.strategy.seed 3 "
                     "(strategy given as class_path: lightning_picard.PicardStrategy)."
                 )
-            return []
-        return [StepSeed(self.seed)]
+            return callbacks
+        return [*callbacks, StepSeed(self.seed)]
 
     @property
     def guidance(self) -> Guidance:
