@@ -15,7 +15,6 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgre
 from typing_extensions import override
 
 PRIVATE_API: tuple[tuple[str, str], ...] = (
-    ("lightning.pytorch.callbacks.TQDMProgressBar", "_get_train_description"),
     ("lightning.pytorch.callbacks.RichProgressBar", "_get_train_description"),
 )
 """(class, method) pairs of private Lightning API overridden here."""
@@ -49,14 +48,18 @@ class PicardProgressBar(TQDMProgressBar):
     """
 
     @override
-    def _get_train_description(self, current_epoch: int) -> str:
-        return step_description(self.trainer) or super()._get_train_description(current_epoch)
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._describe(trainer)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
+        self._describe(trainer)
+
+    def _describe(self, trainer: pl.Trainer) -> None:
         description = step_description(trainer)
-        if description is not None and self.train_progress_bar is not None:
+        if description is not None:
             self.train_progress_bar.set_description(description, refresh=False)
 
     @override

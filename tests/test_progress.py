@@ -26,7 +26,7 @@ def test_the_overridden_private_methods_exist(path, method):
 def test_a_step_bounded_run_is_described_in_steps():
     trainer = pl.Trainer(accelerator="cpu", max_steps=7, logger=False)
     assert step_description(trainer) == "step 0/7"
-    assert PicardProgressBar()._get_train_description.__qualname__.startswith("PicardProgressBar")
+    assert PicardRichProgressBar()._get_train_description.__qualname__.startswith("PicardRichProgressBar")
     assert step_description(pl.Trainer(accelerator="cpu", max_epochs=3, logger=False)) is None
 
 
