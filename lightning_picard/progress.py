@@ -54,8 +54,8 @@ class PicardProgressBar(TQDMProgressBar):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        super().on_train_batch_end(trainer, pl_module, *args)
         self._describe(trainer)
+        super().on_train_batch_end(trainer, pl_module, *args)
 
     def _describe(self, trainer: pl.Trainer) -> None:
         description = step_description(trainer)
