@@ -48,6 +48,8 @@ class GuidanceConfig:
             usual checkpoint (SD 2.1 base, IF-I-XL). Default is None.
         torch_dtype: ``"auto"`` is float16 on GPU and float32 on CPU. Default is ``"auto"``.
         variant: weight file variant (e.g. ``"fp16"``). Default is None.
+        image_resolution: renders are resized to this before encoding; None is the model's own (512 for
+            Stable Diffusion 2.1 base, 64 for IF stage I). Default is None.
         closed_form: settings of the weight-free prior (``model: closed-form``).
     """
 
@@ -55,6 +57,7 @@ class GuidanceConfig:
     pretrained_model_name_or_path: str | None = None
     torch_dtype: TorchDType = "auto"
     variant: str | None = None
+    image_resolution: int | None = None
     closed_form: ClosedFormPriorConfig = field(default_factory=ClosedFormPriorConfig)
 
     def __post_init__(self) -> None:
@@ -67,8 +70,11 @@ class GuidanceConfig:
         from recipes.guidance.deepfloyd_if import DeepFloydIFConfig
         from recipes.guidance.stable_diffusion import StableDiffusionConfig
 
-        path = {"pretrained_model_name_or_path": self.pretrained_model_name_or_path}
-        path = {k: v for k, v in path.items() if v is not None}
+        given = {
+            "pretrained_model_name_or_path": self.pretrained_model_name_or_path,
+            "image_resolution": self.image_resolution,
+        }
+        path = {k: v for k, v in given.items() if v is not None}
         if self.model == "stable-diffusion":
             return StableDiffusionConfig(torch_dtype=self.torch_dtype, **path)
         return DeepFloydIFConfig(torch_dtype=self.torch_dtype, variant=self.variant, **path)

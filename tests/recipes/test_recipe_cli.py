@@ -9,6 +9,7 @@ import imageio.v3 as iio
 import pytest
 import torch
 import trimesh
+from tiny_models import tiny_sd_folder  # noqa: F401  (module-scoped fixture)
 
 from recipes.cli import RunFolderError, main
 from recipes.guidance.loading import GuidanceModelNotFoundError
@@ -156,3 +157,20 @@ def test_a_folder_holding_a_run_is_never_reused(sequential_run):
     with pytest.raises(RunFolderError, match="already holds a run"):
         fit(recipe, run_dir)
     assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_stable_diffusion_guidance_loads_from_a_local_folder(tiny_sd_folder, tmp_path):  # noqa: F811
+    """The real ``from_pretrained`` path on a tiny random model saved to disk, through the recipe's CLI."""
+    run_dir = fit(
+        "dreamfusion",
+        tmp_path / "sd",
+        "--model.guidance.model=stable-diffusion",
+        f"--model.guidance.pretrained_model_name_or_path={tiny_sd_folder}",
+        "--model.guidance.image_resolution=16",
+        "--model.sds.guidance_scale=7.5",
+        f"--model.prompt_options.cache_dir={tmp_path / 'cache'}",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+    )
+    assert json.loads((run_dir / "run.json").read_text())["steps"] == 2
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 6  # prompt, negative, four view directions
