@@ -97,13 +97,18 @@ VolumeBackend = Literal["torch", "nerfacc"]
 
 @dataclass
 class VolumeRendererConfig:
-    """threestudio ``nerf-volume-renderer`` settings (512 samples per diagonal, occupancy grid on)."""
+    """threestudio ``nerf-volume-renderer`` settings (512 samples per diagonal, occupancy grid on).
+
+    ``output_normal``: compute normals even when the material does not shade with them (the
+    orientation loss needs them); they are computed anyway when it does. Default is False.
+    """
 
     num_samples_per_ray: int = 512
     randomized: bool = True
     ray_chunk_size: int = 8192
     occupancy: OccupancyGridConfig = field(default_factory=OccupancyGridConfig)
     backend: VolumeBackend = "torch"
+    output_normal: bool = False
 
 
 class VolumeRenderer(nn.Module):
@@ -153,7 +158,8 @@ class VolumeRenderer(nn.Module):
         return self.geometry.density(points) * self.render_step_size
 
     def _wants_normal(self) -> bool:
-        return bool(getattr(self.material, "requires_normal", False)) and (
+        wanted = bool(getattr(self.material, "requires_normal", False)) or self.config.output_normal
+        return wanted and (
             self.geometry.config.normal_type != "none"
         )
 
