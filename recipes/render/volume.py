@@ -159,9 +159,7 @@ class VolumeRenderer(nn.Module):
 
     def _wants_normal(self) -> bool:
         wanted = bool(getattr(self.material, "requires_normal", False)) or self.config.output_normal
-        return wanted and (
-            self.geometry.config.normal_type != "none"
-        )
+        return wanted and (self.geometry.config.normal_type != "none")
 
     def _alpha(self, sample: FieldOutput, directions: Tensor, deltas: Tensor) -> Tensor:
         return 1.0 - torch.exp(-sample.density * deltas)

@@ -39,14 +39,18 @@ class Ball(nn.Module):
 
     def forward(self, points, with_normal=False):
         normal = self.sign * nn.functional.normalize(points, dim=-1) if with_normal else None
-        return FieldOutput(self.logits.expand(points.shape[0], 3), density=self.density(points), normal=normal)
+        return FieldOutput(
+            self.logits.expand(points.shape[0], 3), density=self.density(points), normal=normal
+        )
 
 
 def render_ball(flip: bool = False, output_normal: bool = True, sigma: float = 200.0) -> dict:
     config = VolumeRendererConfig(
         num_samples_per_ray=64, occupancy=OccupancyGridConfig(enabled=False), output_normal=output_normal
     )
-    renderer = VolumeRenderer(Ball(flip, sigma), NoMaterial(), SolidColorBackground(SolidColorConfig()), config)
+    renderer = VolumeRenderer(
+        Ball(flip, sigma), NoMaterial(), SolidColorBackground(SolidColorConfig()), config
+    )
     return renderer.eval()(orbit_cameras(1, distance=2.0, fovy_deg=40.0, height=12, width=12))
 
 
