@@ -12,16 +12,22 @@ import trimesh
 
 from recipes.export import (
     GaussianDensityField,
+    auto_density_threshold,
     bake_texture,
     export_mesh,
+    export_nerf_mesh,
     image_grid,
     marching_cubes,
+    nerf_mesh,
     save_image,
     save_mesh,
     save_turntable,
     write_video,
 )
+from recipes.export.mesh import sample_grid
 from recipes.geometry.gaussians import Gaussians
+from recipes.geometry.hashgrid import HashGridConfig
+from recipes.geometry.nerf import ImplicitVolume, ImplicitVolumeConfig
 from recipes.geometry.mesh import TriangleMesh
 from recipes.geometry.tets import cube_tet_grid, marching_tetrahedra
 from recipes.render.mesh_raster import render_mesh
@@ -47,6 +53,51 @@ def test_marching_cubes_of_a_sphere_sdf_has_the_right_area_and_orientation():
     expected_radius = math.sqrt(0.18 * math.log(3.0))
     assert abs(density.vertices.norm(dim=-1).mean().item() - expected_radius) < 0.01
     assert density.volume() > 0
+
+
+def test_auto_threshold_meshes_an_analytic_density_ball_at_the_right_radius():
+    sigma, sharpness, ball = 50.0, 60.0, 0.5
+
+    class Ball:
+        radius = 1.0
+
+        def density(self, p):
+            return sigma * torch.sigmoid(sharpness * (ball - p.norm(dim=-1)))
+
+    grid = sample_grid(Ball().density, 48, 1.0)
+    threshold = auto_density_threshold(grid)
+    assert threshold == pytest.approx(grid[grid > 1e-5].mean().item())  # threestudio's "auto"
+    assert 0 < threshold < sigma
+    mesh = nerf_mesh(Ball(), resolution=48)
+    radius = mesh.vertices.norm(dim=-1)
+    expected = ball - math.log(threshold / (sigma - threshold)) / sharpness  # density(r) = threshold
+    assert abs(radius.mean().item() - expected) < 0.005 and radius.std() < 0.01
+    assert abs(radius.mean().item() - ball) < 0.03 and mesh.volume() > 0
+    with pytest.raises(ValueError, match="the density field is empty"):
+        marching_cubes(lambda p: torch.zeros(p.shape[0]), 8, 1.0, level="auto")
+    with pytest.raises(ValueError, match="no surface at level 60"):
+        marching_cubes(Ball().density, 8, 1.0, level=60.0)
+
+
+def test_a_nerf_geometry_is_meshed_and_exported_in_one_call(tmp_path):
+    config = ImplicitVolumeConfig(
+        encoding=HashGridConfig(n_levels=2, log2_hashmap_size=8, base_resolution=4, per_level_scale=2.0)
+    )
+    field = ImplicitVolume(config)
+    with torch.no_grad():
+        field.density_network.layers[-1].weight.zero_()  # density = softplus(10·(1 − r/0.5)): a blob
+        field.feature_network.layers[-1].weight.zero_()  # albedo sigmoid(0) = 0.5 everywhere
+    mesh = field.isosurface(resolution=40)
+    grid = sample_grid(field.density, 40, field.radius)
+    threshold = grid[grid > 1e-5].mean().item()
+    expected = 0.5 * (1 - math.log(math.expm1(threshold)) / 10.0)
+    assert abs(mesh.vertices.norm(dim=-1).mean().item() - expected) < 0.01
+    from recipes.render.materials import NoMaterial
+
+    path = export_nerf_mesh(tmp_path / "nerf.ply", field, NoMaterial(), resolution=24)
+    reopened = trimesh.load(path, process=False)
+    assert len(reopened.faces) > 100
+    assert np.abs(reopened.visual.vertex_colors[:, :3].astype(float) - 128).max() <= 1
 
 
 def test_gaussian_density_field_is_meshable():
