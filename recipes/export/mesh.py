@@ -8,6 +8,9 @@
 - :func:`bake_texture` unwraps a mesh with xatlas and bakes a colour field into a texture image by
   rasterizing the UV layout with :mod:`recipes.render.mesh_raster`.
 - :func:`save_mesh` writes ``.obj`` / ``.ply`` / ``.glb`` with vertex colours or a texture (trimesh).
+  ``.obj`` and ``.ply`` keep the world coordinates (z-up, as threestudio writes them); ``.glb`` is
+  converted to glTF's +Y-up frame with the front (+x, azimuth 0) towards +Z, the viewer
+  (:data:`GLTF_FROM_WORLD`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ Field = Callable[[Tensor], Tensor]
 Level = float | Literal["auto"]
 
 AUTO_THRESHOLD_EPS = 1.0e-5
+
+GLTF_FROM_WORLD = (1, 2, 0)
+"""glTF axes as world axes: glTF (X, Y, Z) = world (y, z, x). A proper rotation (determinant +1, so
+faces keep their winding): world up (+z) becomes glTF up (+Y), and the azimuth-0 view (camera on +x)
+becomes a glTF viewer's default view from +Z, with world +y to its right as in that camera's image."""
 
 
 def auto_density_threshold(values: Tensor, eps: float = AUTO_THRESHOLD_EPS) -> float:
@@ -218,6 +226,8 @@ def save_mesh(
     """Write ``mesh`` to ``.obj`` (+ ``.mtl`` and texture png when textured), ``.ply`` or ``.glb``.
 
     ``vertex_colors [V, 3]`` in [0, 1] are stored per vertex (ignored for a :class:`TexturedMesh`).
+    ``.obj``/``.ply`` vertices are the world coordinates (z-up); ``.glb`` vertices are rotated into
+    glTF's +Y-up frame (:data:`GLTF_FROM_WORLD`).
     """
     import trimesh
     from PIL import Image
@@ -227,6 +237,8 @@ def save_mesh(
         raise ValueError(f"unsupported mesh format {path.suffix!r}; use .obj, .ply or .glb")
     path.parent.mkdir(parents=True, exist_ok=True)
     vertices = mesh.vertices.detach().cpu().numpy()
+    if path.suffix.lower() == ".glb":
+        vertices = vertices[:, list(GLTF_FROM_WORLD)]
     faces = mesh.faces.cpu().numpy()
     if isinstance(mesh, TexturedMesh):
         visual = trimesh.visual.TextureVisuals(

@@ -116,10 +116,31 @@ def test_vertex_coloured_meshes_reopen(tmp_path, suffix):
     path = export_mesh(tmp_path / f"sphere{suffix}", mesh, color=height_colour)
     back = trimesh.load(path, force="mesh", process=False)
     assert len(back.faces) == mesh.faces.shape[0]
-    np.testing.assert_allclose(back.vertices, mesh.vertices.numpy(), atol=1e-5)
+    world = mesh.vertices.numpy()
+    expected_vertices = world[:, [1, 2, 0]] if suffix == ".glb" else world  # glTF is +Y up
+    np.testing.assert_allclose(back.vertices, expected_vertices, atol=1e-5)
     colors = np.asarray(back.visual.vertex_colors)[:, :3]
     expected = (height_colour(mesh.vertices).numpy() * 255).round()
     np.testing.assert_array_equal(colors, expected)
+
+
+def test_glb_is_y_up_facing_the_viewer_and_obj_ply_stay_z_up(tmp_path):
+    # a tall box along world z with a bump on its front (+x, the azimuth-0 view)
+    box = trimesh.creation.box(extents=(0.2, 0.4, 1.0))
+    nose = trimesh.creation.box(extents=(0.1, 0.1, 0.1))
+    nose.apply_translation((0.15, 0.0, 0.0))
+    both = trimesh.util.concatenate([box, nose])
+    mesh = TriangleMesh(torch.tensor(both.vertices, dtype=torch.float32), torch.tensor(both.faces))
+    glb = trimesh.load(save_mesh(tmp_path / "box.glb", mesh), force="mesh", process=False)
+    lo, hi = glb.bounds
+    assert np.argmax(hi - lo) == 1  # tallest along glTF +Y: the object stands up
+    assert hi[2] == pytest.approx(0.2) and lo[2] == pytest.approx(-0.1)  # the front faces +Z
+    assert hi[0] - lo[0] == pytest.approx(0.4)  # world y runs along glTF X
+    assert glb.volume > 0  # a rotation: faces keep their outward winding
+    for suffix in (".obj", ".ply"):
+        back = trimesh.load(save_mesh(tmp_path / f"box{suffix}", mesh), force="mesh", process=False)
+        lo, hi = back.bounds
+        assert np.argmax(hi - lo) == 2 and hi[0] == pytest.approx(0.2)  # world coordinates, z-up
 
 
 @pytest.mark.parametrize("suffix", [".obj", ".glb"])
