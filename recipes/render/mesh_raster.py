@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from recipes.data.cameras import Cameras
+from recipes.geometry.backend import require_cuda
 from recipes.geometry.mesh import TriangleMesh, edge_faces
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,13 @@ def resolve_backend(backend: MeshBackend, device: torch.device) -> str:
     has_nvdiffrast = importlib.util.find_spec("nvdiffrast") is not None
     if backend == "auto":
         backend = "nvdiffrast" if device.type == "cuda" and has_nvdiffrast else "torch"
-    elif backend == "nvdiffrast" and not has_nvdiffrast:
+    elif backend == "nvdiffrast":
+        require_cuda("mesh rasterizer", "nvdiffrast", device, "backend: torch (or auto)")
+    if backend == "nvdiffrast" and not has_nvdiffrast:
         raise ImportError(
             "backend='nvdiffrast' needs nvdiffrast (CUDA): pip install git+https://github.com/NVlabs/nvdiffrast"
         )
-    elif backend not in ("torch", "nvdiffrast"):
+    if backend not in ("torch", "nvdiffrast"):
         raise ValueError(f"unknown mesh rasterizer backend {backend!r}; use 'auto', 'torch' or 'nvdiffrast'")
     if backend not in _announced:
         _announced.add(backend)

@@ -27,8 +27,8 @@ from recipes.export import (
 from recipes.export.mesh import sample_grid
 from recipes.geometry.gaussians import Gaussians
 from recipes.geometry.hashgrid import HashGridConfig
-from recipes.geometry.nerf import ImplicitVolume, ImplicitVolumeConfig
 from recipes.geometry.mesh import TriangleMesh
+from recipes.geometry.nerf import ImplicitVolume, ImplicitVolumeConfig
 from recipes.geometry.tets import cube_tet_grid, marching_tetrahedra
 from recipes.render.mesh_raster import render_mesh
 
