@@ -81,10 +81,8 @@ def z_variance_loss(outputs: Mapping[str, Any]) -> Tensor:
     z_variance, opacity = _need(
         outputs, "z-variance", ("z_variance", "opacity"), "render with the volume renderer"
     )
-    solid = opacity > 0.5
-    if not bool(solid.any()):
-        return z_variance.sum() * 0.0
-    return z_variance[solid].mean()
+    solid = (opacity > 0.5).to(z_variance.dtype)  # a mask product: no host sync on the GPU
+    return (z_variance * solid).sum() / solid.sum().clamp_min(1.0)
 
 
 def eikonal_loss(outputs: Mapping[str, Any]) -> Tensor:
