@@ -4,9 +4,12 @@ videos (.mp4/.gif) and image grids."""
 from recipes.export.mesh import (
     GaussianDensityField,
     TexturedMesh,
+    auto_density_threshold,
     bake_texture,
     export_mesh,
+    export_nerf_mesh,
     marching_cubes,
+    nerf_mesh,
     save_mesh,
 )
 from recipes.export.video import image_grid, render_turntable, save_image, save_turntable, write_video
@@ -14,10 +17,13 @@ from recipes.export.video import image_grid, render_turntable, save_image, save_
 __all__ = [
     "GaussianDensityField",
     "TexturedMesh",
+    "auto_density_threshold",
     "bake_texture",
     "export_mesh",
+    "export_nerf_mesh",
     "image_grid",
     "marching_cubes",
+    "nerf_mesh",
     "render_turntable",
     "save_image",
     "save_mesh",

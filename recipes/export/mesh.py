@@ -2,10 +2,15 @@
 
 - :func:`marching_cubes` extracts the surface of any field callable ``field(points [P,3]) -> [P]`` (an
   SDF, a NeRF density, :class:`GaussianDensityField`) with scikit-image; a DMTet geometry gives its
-  mesh directly (``geometry.isosurface()``, marching tets).
+  mesh directly (``geometry.isosurface()``, marching tets). A density's level may be ``"auto"``
+  (:func:`auto_density_threshold`); :func:`nerf_mesh` and :func:`export_nerf_mesh` mesh a NeRF field in
+  one call.
 - :func:`bake_texture` unwraps a mesh with xatlas and bakes a colour field into a texture image by
   rasterizing the UV layout with :mod:`recipes.render.mesh_raster`.
 - :func:`save_mesh` writes ``.obj`` / ``.ply`` / ``.glb`` with vertex colours or a texture (trimesh).
+  ``.obj`` and ``.ply`` keep the world coordinates (z-up, as threestudio writes them); ``.glb`` is
+  converted to glTF's +Y-up frame with the front (+x, azimuth 0) towards +Z, the viewer
+  (:data:`GLTF_FROM_WORLD`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,6 +29,29 @@ from recipes.geometry.mesh import TriangleMesh
 from recipes.render.mesh_raster import MeshBackend, interpolate, rasterize
 
 Field = Callable[[Tensor], Tensor]
+Level = float | Literal["auto"]
+
+AUTO_THRESHOLD_EPS = 1.0e-5
+
+GLTF_FROM_WORLD = (1, 2, 0)
+"""glTF axes as world axes: glTF (X, Y, Z) = world (y, z, x). A proper rotation (determinant +1, so
+faces keep their winding): world up (+z) becomes glTF up (+Y), and the azimuth-0 view (camera on +x)
+becomes a glTF viewer's default view from +Z, with world +y to its right as in that camera's image."""
+
+
+def auto_density_threshold(values: Tensor, eps: float = AUTO_THRESHOLD_EPS) -> float:
+    """threestudio's ``isosurface_threshold: auto``: the mean of the grid densities above ``eps``.
+
+    Scale-free (a learned density may peak at 5 or at 500) and it needs no knowledge of the render
+    step; the empty space (density ≈ 0) is left out so that the box size does not dilute it.
+    """
+    solid = values[values > eps]
+    if solid.numel() == 0:
+        raise ValueError(
+            f"the density field is empty (no grid value above {eps:g}, maximum {values.max().item():.3g}): "
+            "there is no surface to extract; train longer or pass a numeric threshold"
+        )
+    return solid.mean().item()
 
 
 @torch.no_grad()
@@ -40,25 +69,68 @@ def marching_cubes(
     field: Field,
     resolution: int = 128,
     radius: float = 1.0,
-    level: float = 0.0,
+    level: Level = 0.0,
     chunk: int = 65536,
 ) -> TriangleMesh:
     """Surface ``field = level`` on a ``resolution³`` grid over ``[−radius, radius]³`` (closed ones outward-oriented).
 
-    Works for an SDF (``level`` 0) and for a density (``level`` = the iso-density; DreamGaussian
-    extracts its Gaussians' density at level 1, threestudio a NeRF at its ``isosurface_threshold``).
+    Works for an SDF (``level`` 0, the default) and for a density (``level`` = the iso-density, or
+    ``"auto"`` for :func:`auto_density_threshold` of the sampled grid; DreamGaussian extracts its
+    Gaussians' density at level 1, threestudio a NeRF at its ``isosurface_threshold``).
     """
     from skimage.measure import marching_cubes as skimage_marching_cubes
 
-    values = sample_grid(field, resolution, radius, chunk).cpu().numpy()
+    grid = sample_grid(field, resolution, radius, chunk)
+    if level == "auto":
+        level = auto_density_threshold(grid)
+    values = grid.cpu().numpy()
+    low, high = float(values.min()), float(values.max())
+    if not low < level < high:
+        raise ValueError(
+            f"the field has no surface at level {level:g}: its values on the grid lie in [{low:.3g}, "
+            f"{high:.3g}]; choose a level inside that range (or 'auto' for a density)"
+        )
     spacing = (2 * radius / (resolution - 1),) * 3
-    vertices, faces, _, _ = skimage_marching_cubes(values, level=level, spacing=spacing)
+    vertices, faces, _, _ = skimage_marching_cubes(values, level=float(level), spacing=spacing)
     mesh = TriangleMesh(
         torch.from_numpy(vertices.copy()).float() - radius, torch.from_numpy(faces.astype(np.int64))
     )
     if mesh.volume() < 0:  # orient closed surfaces outwards whatever the field's sign convention
         mesh = TriangleMesh(mesh.vertices, mesh.faces.flip(-1))
     return mesh
+
+
+def nerf_mesh(geometry, resolution: int = 128, threshold: Level = "auto", chunk: int = 65536) -> TriangleMesh:
+    """The isosurface ``density = threshold`` of a NeRF field (:class:`~recipes.geometry.nerf.ImplicitVolume`
+    or anything with ``density(points)`` and ``radius``) over its box. Default threshold is ``"auto"``."""
+    with torch.no_grad():
+        return marching_cubes(geometry.density, resolution, geometry.radius, threshold, chunk)
+
+
+def export_nerf_mesh(
+    path: str | Path,
+    geometry,
+    material=None,
+    resolution: int = 128,
+    threshold: Level = "auto",
+    texture_size: int | None = None,
+    backend: MeshBackend = "torch",
+) -> Path:
+    """Mesh a NeRF field and write it to ``path`` (.obj/.ply/.glb) in one call.
+
+    Coloured by the material's albedo of the field's features at the surface (baked into a
+    ``texture_size²`` texture when set, else per vertex); uncoloured without a material.
+    """
+    mesh = nerf_mesh(geometry, resolution, threshold)
+    color = None
+    if material is not None:
+
+        def color(points: Tensor) -> Tensor:
+            with torch.no_grad():
+                features = geometry(points).features
+                return material(features, points, None, None, "albedo")
+
+    return export_mesh(path, mesh, color, texture_size, backend)
 
 
 class GaussianDensityField:
@@ -154,6 +226,8 @@ def save_mesh(
     """Write ``mesh`` to ``.obj`` (+ ``.mtl`` and texture png when textured), ``.ply`` or ``.glb``.
 
     ``vertex_colors [V, 3]`` in [0, 1] are stored per vertex (ignored for a :class:`TexturedMesh`).
+    ``.obj``/``.ply`` vertices are the world coordinates (z-up); ``.glb`` vertices are rotated into
+    glTF's +Y-up frame (:data:`GLTF_FROM_WORLD`).
     """
     import trimesh
     from PIL import Image
@@ -163,6 +237,8 @@ def save_mesh(
         raise ValueError(f"unsupported mesh format {path.suffix!r}; use .obj, .ply or .glb")
     path.parent.mkdir(parents=True, exist_ok=True)
     vertices = mesh.vertices.detach().cpu().numpy()
+    if path.suffix.lower() == ".glb":
+        vertices = vertices[:, list(GLTF_FROM_WORLD)]
     faces = mesh.faces.cpu().numpy()
     if isinstance(mesh, TexturedMesh):
         visual = trimesh.visual.TextureVisuals(

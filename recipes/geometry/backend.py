@@ -1,4 +1,9 @@
-"""Choosing between the pure-torch reference path and an optional CUDA library, logged once per choice."""
+"""Choosing between the pure-torch reference path and an optional CUDA library, logged once per choice.
+
+Every CUDA-only backend (tiny-cuda-nn, nerfacc, nvdiffrast, gsplat) goes through :func:`require_cuda`,
+so asking for one where there is no CUDA fails at once with one line naming the component, the
+backend and the setting to use instead (:class:`BackendNeedsCUDAError`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import importlib
 import logging
 from types import ModuleType
 from typing import Literal
+
+import torch
 
 logger = logging.getLogger("recipes")
 
@@ -18,17 +25,51 @@ _PACKAGES = {
     ),
     "nerfacc": ("nerfacc", "pip install nerfacc"),
 }
+CUDA_BACKENDS = {
+    "tcnn": "tiny-cuda-nn",
+    "nerfacc": "nerfacc",
+    "nvdiffrast": "nvdiffrast",
+    "gsplat": "gsplat",
+}
+"""Backends that run on CUDA only, with the library behind each."""
 _logged: set[tuple[str, str]] = set()
 
 
-def import_backend(backend: str) -> ModuleType | None:
-    """Import the library behind ``backend`` (``None`` for ``"torch"``), raising a clear error if it is missing."""
+class BackendNeedsCUDAError(RuntimeError):
+    """A CUDA-only backend was chosen on a machine without CUDA, or for tensors that are not on a GPU."""
+
+
+def require_cuda(
+    component: str, backend: str, device: torch.device | None = None, alternative: str = "backend: torch"
+) -> None:
+    """Raise :class:`BackendNeedsCUDAError` unless ``backend`` can run: CUDA is available and, when
+    ``device`` is given, the tensors are on a CUDA device. ``alternative`` is the setting to suggest
+    (default is ``"backend: torch"``, the pure-torch path that runs anywhere)."""
+    if device is None:
+        if torch.cuda.is_available():
+            return
+        reason = "this machine has no CUDA device (torch.cuda.is_available() is False)"
+    else:
+        if torch.device(device).type == "cuda":
+            return
+        reason = f"its inputs are on {torch.device(device)}"
+    library = CUDA_BACKENDS.get(backend, backend)
+    raise BackendNeedsCUDAError(
+        f"{component} backend {backend!r} ({library}) needs CUDA, but {reason}; "
+        f"set {alternative} (pure torch, runs anywhere) or run on a CUDA device"
+    )
+
+
+def import_backend(backend: str, component: str = "this component") -> ModuleType | None:
+    """Import the library behind ``backend`` (``None`` for ``"torch"``), raising a clear error if CUDA
+    is missing (:func:`require_cuda`) or the library is."""
     if backend == "torch":
         return None
     if backend not in _PACKAGES:
         raise ValueError(
             f"unknown backend {backend!r}; choose one of 'torch', {', '.join(map(repr, _PACKAGES))}"
         )
+    require_cuda(component, backend)
     package, install = _PACKAGES[backend]
     try:
         return importlib.import_module(package)

@@ -64,7 +64,7 @@ class HashGridEncoding(nn.Module):
         mask = torch.ones(config.n_output_dims)
         self.register_buffer("band_mask", mask)
         self.update_step(0)
-        tcnn = import_backend(config.backend)
+        tcnn = import_backend(config.backend, "hash grid")
         log_backend_once("hash grid", config.backend)
         if tcnn is None:
             self.tables = nn.Parameter(

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from recipes.geometry.hashgrid import HashGridConfig, HashGridEncoding
+from recipes.geometry.mesh import TriangleMesh
 from recipes.geometry.mlp import MLP, MLPConfig
 
 
@@ -121,6 +122,13 @@ class ImplicitVolume(nn.Module):
     def density(self, points: Tensor) -> Tensor:
         """Activated density ``[...]`` at points ``[..., 3]`` (used by the occupancy grid)."""
         return self._density_and_encoding(points)[0]
+
+    def isosurface(self, resolution: int = 128, threshold: float | Literal["auto"] = "auto") -> TriangleMesh:
+        """The mesh of ``density = threshold`` by marching cubes over the box (``"auto"``: the mean grid
+        density above 1e-5, threestudio's rule; see :func:`recipes.export.mesh.auto_density_threshold`)."""
+        from recipes.export.mesh import nerf_mesh
+
+        return nerf_mesh(self, resolution, threshold)
 
     def forward(self, points: Tensor, with_normal: bool = False) -> FieldOutput:
         """Density, features and (if asked and ``normal_type`` allows) outward normals at points ``[N, 3]``."""

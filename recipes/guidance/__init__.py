@@ -10,13 +10,25 @@ them when a model is loaded.
 """
 
 from recipes.guidance.asd import ASDConfig, AsynchronousScoreDistillation
-from recipes.guidance.cfg import classifier_free_guidance, predict_guided_noise
+from recipes.guidance.cfg import (
+    PerpNegCondition,
+    classifier_free_guidance,
+    perp_neg_guidance,
+    perpendicular_component,
+    predict_guided_noise,
+)
 from recipes.guidance.deepfloyd_if import DeepFloydIFConfig, DeepFloydIFDenoiser
 from recipes.guidance.denoiser import Denoiser
 from recipes.guidance.distillation import DistillationOutput
 from recipes.guidance.loading import GuidanceModelNotFoundError
 from recipes.guidance.lora import LoRAParticleConfig, LoRAParticleScore, ParticleCondition
-from recipes.guidance.prompts import PretrainedTextEncoding, PromptConfig, PromptEmbeddings
+from recipes.guidance.prompts import (
+    PerpNegViews,
+    PretrainedTextEncoding,
+    PromptConfig,
+    PromptEmbeddings,
+    perp_neg_views,
+)
 from recipes.guidance.reference_view import ReferenceViewLosses, reference_view_losses
 from recipes.guidance.schedules import TimestepSchedule, scalar_at, timestep_weight
 from recipes.guidance.sds import ScoreDistillationSampling, SDSConfig
@@ -35,6 +47,8 @@ __all__ = [
     "LoRAParticleConfig",
     "LoRAParticleScore",
     "ParticleCondition",
+    "PerpNegCondition",
+    "PerpNegViews",
     "PretrainedTextEncoding",
     "PromptConfig",
     "PromptEmbeddings",
@@ -51,6 +65,9 @@ __all__ = [
     "Zero123Denoiser",
     "Zero123Reference",
     "classifier_free_guidance",
+    "perp_neg_guidance",
+    "perp_neg_views",
+    "perpendicular_component",
     "predict_guided_noise",
     "reference_view_losses",
     "scalar_at",

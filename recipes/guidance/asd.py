@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from recipes.guidance.cfg import predict_guided_noise
+from recipes.guidance.cfg import positive_condition, predict_guided_noise
 from recipes.guidance.denoiser import Denoiser
 from recipes.guidance.distillation import DistillationOutput, finalize_gradient, surrogate_loss
 from recipes.guidance.parameterization import add_noise
@@ -90,7 +90,7 @@ class AsynchronousScoreDistillation:
                 cfg.guidance_scale,
             ).guided
             eps_second = self.denoiser.predict_noise(
-                add_noise(alphas_cumprod, x0, noise, t_shifted), t_shifted, condition
+                add_noise(alphas_cumprod, x0, noise, t_shifted), t_shifted, positive_condition(condition)
             )
         weight = timestep_weight(cfg.weighting, alphas_cumprod, t).view(-1, *([1] * (x.dim() - 1)))
         grad_clip = None if cfg.grad_clip is None else scalar_at(cfg.grad_clip, global_step)

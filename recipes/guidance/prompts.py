@@ -6,6 +6,14 @@ with direction chosen from the camera's azimuth and elevation (side by default; 
 elevation > overhead_threshold, which wins over the others). The negative prompt (empty by default) is
 the unconditional branch of CFG.
 
+Perp-Neg (``perp_neg: true``, threestudio's ``use_perp_neg``): the positive prompt is interpolated
+between neighbouring directions by azimuth (front↔side for |azimuth| < 90°, side↔back beyond), and the
+two directions it lies between become negative prompts with weights ``−(a·exp(−b·r) + c)`` of the
+interpolation ratio r (:func:`perp_neg_views`); overhead views use the overhead prompt and no negatives.
+:meth:`PromptEmbeddings.for_views` then returns a :class:`~recipes.guidance.cfg.PerpNegCondition`, which
+every loss built on :func:`~recipes.guidance.cfg.predict_guided_noise` (SDS, VSD's pretrained term, the
+first ASD term) combines by Perp-Neg.
+
 The cache is keyed by the text-encoder identity and the exact text, one file per text under
 ``cache_dir``, written atomically so several ranks may fill it at once.
 """
@@ -23,10 +31,14 @@ from typing import Literal, Protocol
 
 import torch
 
+from recipes.guidance.cfg import PerpNegCondition
 from recipes.guidance.loading import TorchDType, default_device, load_pretrained, resolve_dtype
 
 VIEW_DIRECTIONS: tuple[str, ...] = ("side", "front", "back", "overhead")
 DEFAULT_CACHE_DIR = ".lightning_picard_cache/text_embeddings"
+
+ShiftedExponential = tuple[float, float, float]
+"""``(a, b, c)`` of ``f(r) = a·exp(−b·r) + c``, a Perp-Neg negative weight as a function of the ratio r."""
 
 
 @dataclass
@@ -40,6 +52,11 @@ class PromptConfig:
         front_threshold, back_threshold, overhead_threshold: degrees; threestudio's defaults are
             45/45/60, ProlificDreamer and ScaleDreamer use 30/30 for front/back.
         cache_dir: where embeddings are cached (created on demand).
+        perp_neg: Perp-Neg guidance with interpolated directional prompts (needs ``view_dependent``).
+            Default is False.
+        perp_neg_f_sb, perp_neg_f_fsb, perp_neg_f_fs, perp_neg_f_sf: ``(a, b, c)`` of the negative
+            weights (threestudio's defaults): side when between side and back, front when between side
+            and back, front when between front and side, side when between front and side.
     """
 
     prompt: str = "a delicious hamburger"
@@ -49,10 +66,85 @@ class PromptConfig:
     back_threshold: float = 45.0
     overhead_threshold: float = 60.0
     cache_dir: str = DEFAULT_CACHE_DIR
+    perp_neg: bool = False
+    perp_neg_f_sb: ShiftedExponential = (1.0, 0.5, -0.606)
+    perp_neg_f_fsb: ShiftedExponential = (1.0, 0.5, 0.967)
+    perp_neg_f_fs: ShiftedExponential = (4.0, 0.5, -2.426)
+    perp_neg_f_sf: ShiftedExponential = (4.0, 0.5, -2.426)
+
+    def __post_init__(self) -> None:
+        if self.perp_neg and not self.view_dependent:
+            raise ValueError(
+                "perp_neg: true needs view_dependent: true (Perp-Neg mixes the directional prompts)"
+            )
 
     def directional_prompts(self) -> list[str]:
         """One prompt per entry of :data:`VIEW_DIRECTIONS`."""
         return [f"{self.prompt}, {direction} view" for direction in VIEW_DIRECTIONS]
+
+
+def _shifted_exponential(f: ShiftedExponential, r: torch.Tensor) -> torch.Tensor:
+    a, b, c = f
+    return a * torch.exp(-b * r) + c
+
+
+@dataclass
+class PerpNegViews:
+    """Per view: the positive prompt as a mix of the directional ones, and two weighted negatives.
+
+    Attributes:
+        positive_mix: ``[B, len(VIEW_DIRECTIONS)]`` interpolation weights (rows sum to 1).
+        negative_index: ``[B, 2]`` index into :data:`VIEW_DIRECTIONS` of each negative prompt.
+        negative_weights: ``[B, 2]`` (≤ 0 with the default functions; 0 for overhead views).
+    """
+
+    positive_mix: torch.Tensor
+    negative_index: torch.Tensor
+    negative_weights: torch.Tensor
+
+
+def perp_neg_views(
+    config: PromptConfig, elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor
+) -> PerpNegViews:
+    """threestudio's Perp-Neg interpolation for a batch of views.
+
+    |azimuth| < 90°: r = 1 − |azimuth|/90, positive r·front + (1 − r)·side, negatives front and side with
+    weights −f_fs(r), −f_sf(1 − r). Otherwise r = 2 − |azimuth|/90, positive r·side + (1 − r)·back,
+    negatives side and front with weights −f_sb(r), −f_fsb(r). Elevation above ``overhead_threshold``:
+    the overhead prompt, negative weights 0.
+    """
+    side, front, back, overhead = (VIEW_DIRECTIONS.index(d) for d in ("side", "front", "back", "overhead"))
+    azimuth = (torch.remainder(azimuth_deg.float() + 180.0, 360.0) - 180.0).abs()
+    batch = azimuth.shape[0]
+    mix = torch.zeros(batch, len(VIEW_DIRECTIONS), device=azimuth.device)
+    rows = torch.arange(batch, device=azimuth.device)
+    frontal = azimuth < 90.0
+    r = torch.where(frontal, 1.0 - azimuth / 90.0, 2.0 - azimuth / 90.0)
+    mix[rows, torch.where(frontal, front, side)] += r
+    mix[rows, torch.where(frontal, side, back)] += 1.0 - r
+    index = torch.stack(
+        [torch.where(frontal, front, side), torch.full_like(rows, side).where(frontal, front)], dim=-1
+    )
+    weights = -torch.stack(
+        [
+            torch.where(
+                frontal,
+                _shifted_exponential(config.perp_neg_f_fs, r),
+                _shifted_exponential(config.perp_neg_f_sb, r),
+            ),
+            torch.where(
+                frontal,
+                _shifted_exponential(config.perp_neg_f_sf, 1.0 - r),
+                _shifted_exponential(config.perp_neg_f_fsb, r),
+            ),
+        ],
+        dim=-1,
+    )
+    above = elevation_deg.float().to(azimuth.device) > config.overhead_threshold
+    mix[above] = 0.0
+    mix[above, overhead] = 1.0
+    weights[above] = 0.0
+    return PerpNegViews(mix, index, weights)
 
 
 TextEncodeFn = Callable[[list[str]], torch.Tensor]
@@ -188,14 +280,29 @@ class PromptEmbeddings:
         index[elevation_deg.float() > cfg.overhead_threshold] = VIEW_DIRECTIONS.index("overhead")
         return index
 
+    def perp_neg_for_views(self, elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor) -> PerpNegCondition:
+        """The Perp-Neg condition of a batch of views: interpolated positive embeddings [B, L, D], two
+        negative ones [B, L, D] and their weights [B, 2] (:func:`perp_neg_views`)."""
+        views = perp_neg_views(self.config, elevation_deg, azimuth_deg)
+        table = self.directional
+        mix = views.positive_mix.to(table)
+        positive = torch.einsum("bk,kld->bld", mix, table)
+        index = views.negative_index.to(table.device)
+        negatives = [table[index[:, 0]], table[index[:, 1]]]
+        return PerpNegCondition(positive, negatives, views.negative_weights.to(table.device))
+
     def for_views(
         self, elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | PerpNegCondition, torch.Tensor]:
         """(condition, uncondition) embeddings for a batch of views, each [B, L, D].
 
-        Without view-dependent prompting the condition is the plain prompt for every view.
+        Without view-dependent prompting the condition is the plain prompt for every view; with
+        ``perp_neg`` it is a :class:`~recipes.guidance.cfg.PerpNegCondition` (:meth:`perp_neg_for_views`).
         """
         batch = elevation_deg.shape[0]
+        if self.config.perp_neg:
+            condition = self.perp_neg_for_views(elevation_deg, azimuth_deg)
+            return condition, self.negative.expand(batch, -1, -1)
         if self.config.view_dependent:
             index = self.direction_index(elevation_deg, azimuth_deg).to(self.directional.device)
             condition = self.directional[index]

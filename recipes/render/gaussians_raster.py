@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from recipes.data.cameras import Cameras
+from recipes.geometry.backend import require_cuda
 from recipes.geometry.gaussians import covariances
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,12 @@ def resolve_backend(backend: GaussianBackend, device: torch.device) -> str:
     has_gsplat = importlib.util.find_spec("gsplat") is not None
     if backend == "auto":
         backend = "gsplat" if device.type == "cuda" and has_gsplat else "torch"
-    elif backend == "gsplat" and not has_gsplat:
-        raise ImportError("backend='gsplat' needs gsplat: pip install 'lightning-picard[gpu]' (CUDA only)")
+    elif backend == "gsplat":
+        require_cuda("Gaussian rasterizer", "gsplat", device, "backend: torch (or auto)")
+        if not has_gsplat:
+            raise ImportError(
+                "backend='gsplat' needs gsplat: pip install 'lightning-picard[gpu]' (CUDA only)"
+            )
     elif backend not in ("torch", "gsplat"):
         raise ValueError(f"unknown Gaussian rasterizer backend {backend!r}; use 'auto', 'torch' or 'gsplat'")
     if backend not in _announced:

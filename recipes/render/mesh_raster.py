@@ -12,7 +12,8 @@ Three steps, as in nvdiffrast:
    foreground and background colour with it.
 
 The torch rasterizer enumerates, for each face, the pixel centres in its screen bounding box, so the
-cost grows with the covered area rather than faces × pixels. ``backend="nvdiffrast"`` (CUDA) is
+cost grows with the covered area rather than faces × pixels. Triangles that cross the near plane are
+clipped there in homogeneous coordinates (:func:`clip_near`), as nvdiffrast does, instead of dropped. ``backend="nvdiffrast"`` (CUDA) is
 imported only when chosen; ``"auto"`` picks it for CUDA tensors when installed. The choice is logged once.
 Image row 0 is the top row (:mod:`recipes.data.cameras`).
 """
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from recipes.data.cameras import Cameras
+from recipes.geometry.backend import require_cuda
 from recipes.geometry.mesh import TriangleMesh, edge_faces
 
 log = logging.getLogger(__name__)
@@ -66,11 +68,13 @@ def resolve_backend(backend: MeshBackend, device: torch.device) -> str:
     has_nvdiffrast = importlib.util.find_spec("nvdiffrast") is not None
     if backend == "auto":
         backend = "nvdiffrast" if device.type == "cuda" and has_nvdiffrast else "torch"
-    elif backend == "nvdiffrast" and not has_nvdiffrast:
+    elif backend == "nvdiffrast":
+        require_cuda("mesh rasterizer", "nvdiffrast", device, "backend: torch (or auto)")
+    if backend == "nvdiffrast" and not has_nvdiffrast:
         raise ImportError(
             "backend='nvdiffrast' needs nvdiffrast (CUDA): pip install git+https://github.com/NVlabs/nvdiffrast"
         )
-    elif backend not in ("torch", "nvdiffrast"):
+    if backend not in ("torch", "nvdiffrast"):
         raise ValueError(f"unknown mesh rasterizer backend {backend!r}; use 'auto', 'torch' or 'nvdiffrast'")
     if backend not in _announced:
         _announced.add(backend)
@@ -129,7 +133,7 @@ def _visible_faces(screen: Tensor, faces: Tensor, w: Tensor, height: int, width:
     bary = _edge_barycentrics(tri[face, :, :2], centre)
     inside = (bary >= 0).all(dim=-1)
     depth = (bary * tri[face, :, 2]).sum(-1)
-    inside &= (depth >= -1) & (depth <= 1)
+    inside &= (depth >= -1 - 1e-5) & (depth <= 1)  # clipped pieces touch z = −1 up to rounding
     pixel, face, depth = (row * width + col)[inside], face[inside], depth[inside]
     nearest = torch.full((height * width,), float("inf"), dtype=depth.dtype, device=depth.device)
     nearest = nearest.scatter_reduce(0, pixel, depth, reduce="amin")
@@ -137,32 +141,126 @@ def _visible_faces(screen: Tensor, faces: Tensor, w: Tensor, height: int, width:
     return face_id.scatter_reduce(0, pixel[winner], face[winner], reduce="amax")
 
 
+@dataclass
+class NearClipped:
+    """One view's triangles clipped against the near plane ``z + w ≥ 0`` in homogeneous clip space.
+
+    Attributes:
+        clip: ``[V + N, 4]`` the view's vertices followed by the N new ones on the near plane.
+        faces: ``[F', 3]`` the faces wholly in front, then the pieces of the crossing ones.
+        parent: ``[F']`` the original face of each face.
+        to_parent: ``[F', 3, 3]`` row k: the barycentrics, in the parent face, of corner k.
+    """
+
+    clip: Tensor
+    faces: Tensor
+    parent: Tensor
+    to_parent: Tensor
+
+
+def _edge_points(clip: Tensor, distance: Tensor, start: Tensor, end: Tensor) -> tuple[Tensor, Tensor]:
+    """Points where the edges ``start → end`` (vertex indices) meet the near plane, and their parameter t."""
+    t = distance[start] / (distance[start] - distance[end])
+    return clip[start] + t[:, None] * (clip[end] - clip[start]), t
+
+
+def clip_near(clip: Tensor, faces: Tensor) -> NearClipped:
+    """Clip the triangles ``faces`` of one view ``clip [V, 4]`` against the near plane (OpenGL: z ≥ −w).
+
+    A face with one corner in front keeps the triangle between it and the two crossing points; a face
+    with two keeps the quadrilateral, as two triangles; a face with none is dropped. New vertices are
+    interpolated linearly in clip space, which is where attributes are linear, so their barycentrics in
+    the parent face are exact. The winding of every piece is its parent's.
+    """
+    distance = clip[:, 2] + clip[:, 3]
+    inside = distance[faces] >= 0  # [F, 3]
+    count = inside.sum(-1)
+    eye = torch.eye(3, dtype=clip.dtype, device=clip.device)
+    whole = torch.nonzero(count == 3)[:, 0]
+    pieces_faces, pieces_parent, pieces_bary, new_points = (
+        [faces[whole]],
+        [whole],
+        [eye.expand(len(whole), 3, 3)],
+        [],
+    )
+    next_vertex = clip.shape[0]
+    corner = torch.arange(3, device=clip.device)
+    for kept in (1, 2):
+        crossing = torch.nonzero(count == kept)[:, 0]
+        if crossing.numel() == 0:
+            continue
+        # roll each face so that corner 0 is the lone vertex: inside when one is kept, outside when two
+        lone = (inside[crossing] if kept == 1 else ~inside[crossing]).float().argmax(-1)
+        order = (lone[:, None] + corner) % 3  # [C, 3] corner indices, cyclic, so the winding is kept
+        v = faces[crossing].gather(1, order)
+        p01, t01 = _edge_points(clip, distance, v[:, 0], v[:, 1])
+        p02, t02 = _edge_points(clip, distance, v[:, 0], v[:, 2])
+        n = crossing.numel()
+        i01 = torch.arange(next_vertex, next_vertex + n, device=clip.device)
+        i02 = i01 + n
+        next_vertex += 2 * n
+        new_points += [p01, p02]
+        b0 = eye[order[:, 0]]
+        b1, b2 = eye[order[:, 1]], eye[order[:, 2]]
+        b01 = (1 - t01)[:, None] * b0 + t01[:, None] * b1
+        b02 = (1 - t02)[:, None] * b0 + t02[:, None] * b2
+        if kept == 1:  # the triangle (v0, p01, p02)
+            pieces_faces.append(torch.stack([v[:, 0], i01, i02], -1))
+            pieces_parent.append(crossing)
+            pieces_bary.append(torch.stack([b0, b01, b02], 1))
+        else:  # the quadrilateral p01, v1, v2, p02 as (p01, v1, v2) and (p01, v2, p02)
+            pieces_faces += [torch.stack([i01, v[:, 1], v[:, 2]], -1), torch.stack([i01, v[:, 2], i02], -1)]
+            pieces_parent += [crossing, crossing]
+            pieces_bary += [torch.stack([b01, b1, b2], 1), torch.stack([b01, b2, b02], 1)]
+    return NearClipped(
+        clip=torch.cat([clip, *new_points]),
+        faces=torch.cat(pieces_faces),
+        parent=torch.cat(pieces_parent),
+        to_parent=torch.cat(pieces_bary),
+    )
+
+
+def _rasterize_view(clip: Tensor, faces: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Face id ``[H, W]`` and perspective-correct barycentrics ``[H, W, 3]`` of one view ``clip [V, 4]``."""
+    clipped = None
+    if bool((clip[:, 2] + clip[:, 3] < 0).any()):
+        clipped = clip_near(clip, faces)
+        clip, faces = clipped.clip, clipped.faces
+    screen = to_screen(clip, height, width)
+    face_id = _visible_faces(screen, faces, clip[:, 3], height, width).reshape(height, width)
+    rows, cols = torch.meshgrid(
+        torch.arange(height, device=clip.device), torch.arange(width, device=clip.device), indexing="ij"
+    )
+    centres = torch.stack([cols + 0.5, rows + 0.5], dim=-1).to(clip.dtype)
+    safe_face = face_id.clamp_min(0)
+    corners = faces[safe_face]  # [H, W, 3]
+    linear = _edge_barycentrics(screen[corners][..., :2], centres)
+    # screen-space barycentrics → perspective-correct ones: weight each corner by 1/w
+    perspective = linear * (1.0 / clip[corners, 3])
+    bary = perspective / perspective.sum(-1, keepdim=True)
+    if clipped is not None:  # barycentrics in a piece → in its parent face
+        bary = torch.einsum("hwk,hwkj->hwj", bary, clipped.to_parent[safe_face])
+        face_id = torch.where(face_id >= 0, clipped.parent[safe_face], face_id)
+    bary = torch.where((face_id >= 0)[..., None], bary, torch.zeros_like(bary))
+    return face_id, bary
+
+
 def rasterize(
     clip: Tensor, faces: Tensor, height: int, width: int, backend: MeshBackend = "torch"
 ) -> Rasterization:
-    """Rasterize clip-space vertices ``[B, V, 4]`` (or ``[V, 4]``, shared by all views) of ``faces [F, 3]``."""
+    """Rasterize clip-space vertices ``[B, V, 4]`` (or ``[V, 4]``, shared by all views) of ``faces [F, 3]``.
+
+    Triangles crossing the near plane are clipped there (:func:`clip_near`), as nvdiffrast does; the
+    barycentrics returned are always those of the original face.
+    """
     if clip.dim() == 2:
         clip = clip[None]
     faces = faces.long()
     if resolve_backend(backend, clip.device) == "nvdiffrast":
         return _rasterize_nvdiffrast(clip, faces, height, width)
-    screen = to_screen(clip, height, width)
-    face_id = torch.stack(
-        [_visible_faces(screen[b], faces, clip[b, :, 3], height, width) for b in range(clip.shape[0])]
-    ).reshape(-1, height, width)
-    rows, cols = torch.meshgrid(
-        torch.arange(height, device=clip.device), torch.arange(width, device=clip.device), indexing="ij"
-    )
-    centres = torch.stack([cols + 0.5, rows + 0.5], dim=-1).to(clip.dtype)
-    safe_face = faces[face_id.clamp_min(0)]  # [B, H, W, 3]
-    batch = torch.arange(clip.shape[0], device=clip.device)[:, None, None, None]
-    corners = screen[batch, safe_face]  # [B, H, W, 3, 3]
-    linear = _edge_barycentrics(corners[..., :2], centres)
-    # screen-space barycentrics → perspective-correct ones: weight each corner by 1/w
-    inv_w = 1.0 / clip[batch, safe_face, 3]
-    perspective = linear * inv_w
-    bary = perspective / perspective.sum(-1, keepdim=True)
-    bary = torch.where((face_id >= 0)[..., None], bary, torch.zeros_like(bary))
+    views = [_rasterize_view(clip[b], faces, height, width) for b in range(clip.shape[0])]
+    face_id = torch.stack([view[0] for view in views])
+    bary = torch.stack([view[1] for view in views])
     return Rasterization(face_id=face_id, bary=bary, clip=clip, faces=faces)
 
 
@@ -202,6 +300,27 @@ def _silhouette_edges(screen: Tensor, faces: Tensor) -> Tensor:
     return edges[boundary | flips]
 
 
+def _silhouette_segments_clipped(clip: Tensor, faces: Tensor, height: int, width: int) -> Tensor:
+    """Screen segments ``[S, 2, 2]`` of one view's silhouette edges when some vertices lie before the near
+    plane: facing from the homogeneous determinant det[x y w] (the eye's side of each face's plane,
+    defined even for faces that cross the eye plane), edges cut at the near plane, hidden ones dropped."""
+    edges, adjacent = edge_faces(faces)
+    corners = clip.detach()[faces][..., [0, 1, 3]]  # [F, 3, 3]
+    facing = torch.linalg.det(corners) > 0
+    boundary = adjacent[:, 1] < 0
+    flips = facing[adjacent[:, 0]] != facing[adjacent[:, 1].clamp_min(0)]
+    edges = edges[boundary | flips]
+    distance = clip[:, 2] + clip[:, 3]
+    d = distance[edges]  # [S, 2]
+    edges, d = edges[(d >= 0).any(-1)], d[(d >= 0).any(-1)]
+    a, b = clip[edges[:, 0]], clip[edges[:, 1]]
+    t = (d[:, 0] / (d[:, 0] - d[:, 1])).clamp(0, 1)[:, None]  # only used where the signs differ
+    at_near = a + t * (b - a)
+    a = torch.where((d[:, 0] < 0)[:, None], at_near, a)
+    b = torch.where((d[:, 1] < 0)[:, None], at_near, b)
+    return to_screen(torch.stack([a, b], dim=1), height, width)[..., :2]
+
+
 def _segment_distance(points: Tensor, a: Tensor, b: Tensor) -> Tensor:
     ab = b - a
     t = ((points - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-12)
@@ -229,11 +348,13 @@ def silhouette_coverage(rast: Rasterization) -> tuple[Tensor, Tensor]:
         pixels = torch.nonzero(outline[b])
         if pixels.numel() == 0:
             continue
-        edges = _silhouette_edges(screen[b], rast.faces)
-        if edges.numel() == 0:
+        if rast.clip.shape[-1] == 4 and bool((rast.clip[b, :, 2] + rast.clip[b, :, 3] < 0).any()):
+            ends = _silhouette_segments_clipped(rast.clip[b], rast.faces, height, width)
+        else:
+            ends = screen[b][_silhouette_edges(screen[b], rast.faces)][..., :2]  # [S, 2, 2]
+        if ends.numel() == 0:
             continue
         centres = pixels.flip(-1).to(screen.dtype) + 0.5
-        ends = screen[b][edges][..., :2]  # [S, 2, 2]
         with torch.no_grad():
             nearest = torch.cat(
                 [

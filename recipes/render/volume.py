@@ -16,7 +16,8 @@ own occupancy grid (its cells are copied in; the estimator is never updated by n
 stays a function of (field, step)) and composites with ``render_weight_from_alpha`` and
 ``accumulate_along_rays`` on packed samples. The samples lie on the same lattice ``near + (k + offset)·δ``;
 for rays whose offset is below ½ nerfacc starts one step later, dropping the sample in the first half step
-of the box. Outputs have the same keys and shapes.
+of the box. Outputs have the same keys and shapes. Asking for nerfacc without CUDA, or rendering CPU
+tensors with it, raises :class:`~recipes.geometry.backend.BackendNeedsCUDAError`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from recipes.data.cameras import Cameras
-from recipes.geometry.backend import import_backend, log_backend_once
+from recipes.geometry.backend import import_backend, log_backend_once, require_cuda
 from recipes.geometry.nerf import FieldOutput
 from recipes.render.occupancy import OccupancyGrid, OccupancyGridConfig
 
@@ -97,13 +98,18 @@ VolumeBackend = Literal["torch", "nerfacc"]
 
 @dataclass
 class VolumeRendererConfig:
-    """threestudio ``nerf-volume-renderer`` settings (512 samples per diagonal, occupancy grid on)."""
+    """threestudio ``nerf-volume-renderer`` settings (512 samples per diagonal, occupancy grid on).
+
+    ``output_normal``: compute normals even when the material does not shade with them (the
+    orientation loss needs them); they are computed anyway when it does. Default is False.
+    """
 
     num_samples_per_ray: int = 512
     randomized: bool = True
     ray_chunk_size: int = 8192
     occupancy: OccupancyGridConfig = field(default_factory=OccupancyGridConfig)
     backend: VolumeBackend = "torch"
+    output_normal: bool = False
 
 
 class VolumeRenderer(nn.Module):
@@ -133,7 +139,7 @@ class VolumeRenderer(nn.Module):
         self.occupancy_grid = OccupancyGrid(self.radius, config.occupancy)
         if config.backend not in ("torch", "nerfacc"):
             raise ValueError(f"unknown volume renderer backend {config.backend!r}; use 'torch' or 'nerfacc'")
-        self._nerfacc = import_backend(config.backend)
+        self._nerfacc = import_backend(config.backend, "volume renderer")
         log_backend_once("volume renderer", config.backend)
         # nerfacc's estimator holds a copy of ``occupancy_grid.binary``; kept out of the state_dict.
         self._estimator: dict[str, Any] = {}
@@ -153,9 +159,8 @@ class VolumeRenderer(nn.Module):
         return self.geometry.density(points) * self.render_step_size
 
     def _wants_normal(self) -> bool:
-        return bool(getattr(self.material, "requires_normal", False)) and (
-            self.geometry.config.normal_type != "none"
-        )
+        wanted = bool(getattr(self.material, "requires_normal", False)) or self.config.output_normal
+        return wanted and (self.geometry.config.normal_type != "none")
 
     def _alpha(self, sample: FieldOutput, directions: Tensor, deltas: Tensor) -> Tensor:
         return 1.0 - torch.exp(-sample.density * deltas)
@@ -187,11 +192,7 @@ class VolumeRenderer(nn.Module):
         with_normal = self._wants_normal()
         render = self._render_rays
         if self._nerfacc is not None:
-            if origins.device.type != "cuda":
-                raise ValueError(
-                    "backend 'nerfacc' renders CUDA tensors only; move the renderer and cameras "
-                    "to a CUDA device or set backend: torch"
-                )
+            require_cuda("volume renderer", "nerfacc", origins.device)
             render = self._render_rays_nerfacc
         chunks = [
             render(o, d, lp, off, shading, ambient_ratio, with_normal, first)

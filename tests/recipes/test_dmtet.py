@@ -182,6 +182,48 @@ def test_rasterizer_uses_the_nearest_face_and_handles_empty_views():
     assert (empty.face_id == -1).all()
 
 
+def test_triangles_crossing_the_near_plane_are_clipped_not_dropped():
+    from recipes.data.cameras import Cameras, look_at
+
+    # a floor square of side 8 at z = 0, as two triangles; the camera stands on it at height 0.5 looking
+    # along +x and a little down, so one triangle has one corner behind the eye and the other two
+    eye, target = torch.tensor([[0.0, 0.0, 0.5]]), torch.tensor([[1.0, 0.0, 0.2]])
+    size, near = 32, 0.6
+    cams = Cameras(
+        c2w=look_at(eye, target),
+        fovy=torch.deg2rad(torch.tensor([90.0])),
+        height=size,
+        width=size,
+        elevation_deg=torch.zeros(1),
+        azimuth_deg=torch.zeros(1),
+        distance=torch.ones(1),
+        light_positions=eye.clone(),
+    )
+    corners = torch.tensor([[-4.0, -4, 0], [4, -4, 0], [4, 4, 0], [-4, 4, 0]], requires_grad=True)
+    floor = TriangleMesh(corners, torch.tensor([[0, 1, 2], [0, 2, 3]]))
+    out = render_mesh(floor, cams, near=near)
+    # analytic: each pixel's ray meets z = 0 at eye + s·d; covered iff inside the square and in front of near
+    origins, directions = cams.rays()
+    s = -origins[..., 2] / directions[..., 2].clamp(max=-1e-9)
+    hit = origins + s[..., None] * directions
+    forward = torch.nn.functional.normalize(target - eye, dim=-1)
+    depth = ((hit - eye) * forward).sum(-1)
+    inside = hit[..., :2].abs().amax(-1)
+    down = directions[..., 2] < 0
+    surely_in = down & (inside < 3.95) & (depth > near * 1.02)
+    surely_out = ~down | (inside > 4.05) | (depth < near * 0.98)
+    assert surely_in.sum() > 200 and (down & (depth < near * 0.98)).sum() > 20  # both regions exist
+    mask = out.rast.mask
+    assert mask[surely_in].all() and not mask[surely_out].any()
+    # perspective-correct barycentrics of the original faces: the interpolated position is the hit point
+    assert (out.position[surely_in] - hit[surely_in]).abs().max() < 1e-3
+    torch.testing.assert_close(out.rast.bary[mask].sum(-1), torch.ones(int(mask.sum())))
+    assert set(out.rast.face_id[mask].unique().tolist()) == {0, 1}
+    assert torch.isfinite(out.rgb).all()
+    out.position[mask].sum().backward()
+    assert torch.isfinite(corners.grad).all() and corners.grad.abs().sum() > 0
+
+
 def test_mesh_backend_setting():
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="unknown"):

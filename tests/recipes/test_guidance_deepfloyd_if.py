@@ -51,6 +51,33 @@ def test_if_sds_is_in_64px_pixel_space_and_uses_the_eps_channels(deepfloyd: Deep
     assert rgb.grad is not None and rgb.grad.abs().sum() > 0
 
 
+def test_if_sds_with_perp_neg_matches_the_formula_on_the_eps_channels(deepfloyd: DeepFloydIFDenoiser) -> None:
+    from recipes.guidance.cfg import PerpNegCondition, perpendicular_component
+
+    generator = torch.Generator().manual_seed(1)
+    positive, negative, uncond = (torch.randn(2, 77, 32, generator=generator) for _ in range(3))
+    weights = torch.tensor([[-1.5], [-0.5]])
+    x = torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1
+    config = SDSConfig(guidance_scale=21.0, timesteps=TimestepSchedule(0.5, 0.5))
+    out = ScoreDistillationSampling(deepfloyd, config)(
+        x, PerpNegCondition(positive, [negative], weights), uncond, generator=torch.Generator().manual_seed(0)
+    )
+    replay = torch.Generator().manual_seed(0)
+    t = torch.randint(500, 501, (2,), generator=replay)
+    noise = torch.randn(x.shape, generator=replay)
+    alpha_bar = deepfloyd.alphas_cumprod[500]
+    x_t = alpha_bar.sqrt() * x + (1 - alpha_bar).sqrt() * noise
+    with torch.no_grad():
+        eps = {
+            k: deepfloyd.unet(x_t, t, encoder_hidden_states=v).sample[:, :3]
+            for k, v in {"pos": positive, "neg": negative, "u": uncond}.items()
+        }
+    e_pos = eps["pos"] - eps["u"]
+    combined = e_pos + weights.view(2, 1, 1, 1) * perpendicular_component(eps["neg"] - eps["u"], e_pos)
+    expected = (1 - alpha_bar) * (eps["u"] + 21.0 * combined - noise)
+    assert torch.allclose(out.grad, expected, atol=1e-4)
+
+
 def test_missing_if_model_names_it_and_the_download() -> None:
     assert DeepFloydIFConfig().pretrained_model_name_or_path == "DeepFloyd/IF-I-XL-v1.0"
     with pytest.raises(GuidanceModelNotFoundError, match=r"hf download DeepFloyd/IF-I-XL-v1\.0"):

@@ -97,6 +97,39 @@ def test_cfg_scale_one_is_the_conditional_unet_prediction(
     assert torch.allclose(guided, direct_uncond + 7.5 * (direct - direct_uncond), atol=1e-4)
 
 
+def test_perp_neg_on_the_unet_matches_its_formula(
+    sd: StableDiffusionDenoiser, prompts: PromptEmbeddings
+) -> None:
+    from dataclasses import replace
+
+    from recipes.guidance.cfg import PerpNegCondition, perpendicular_component
+
+    perp = PromptEmbeddings(
+        replace(prompts.config, perp_neg=True),
+        prompts.view_independent,
+        prompts.directional,
+        prompts.negative,
+    )
+    x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
+    condition, uncond = perp.for_views(torch.zeros(2), torch.tensor([30.0, 150.0]))
+    assert isinstance(condition, PerpNegCondition)
+    with torch.no_grad():
+        guided = predict_guided_noise(sd, x_t, t, condition, uncond, 7.5).guided
+
+        def unet(text):
+            return sd.unet(x_t, t, encoder_hidden_states=text).sample
+
+        e_u = unet(uncond)
+        e_pos = unet(condition.positive) - e_u
+        total = e_pos
+        for i, negative in enumerate(condition.negatives):
+            total = total + condition.weights[:, i].view(-1, 1, 1, 1) * perpendicular_component(
+                unet(negative) - e_u, e_pos
+            )
+    assert (condition.weights < 0).all()
+    assert torch.allclose(guided, e_u + 7.5 * total, atol=1e-4)
+
+
 def test_sds_through_the_vae_matches_weighted_residual(
     sd: StableDiffusionDenoiser, prompts: PromptEmbeddings
 ) -> None:

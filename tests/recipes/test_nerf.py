@@ -95,8 +95,14 @@ def test_tcnn_backend_missing_raises_clear_error_and_choice_is_logged(caplog):
         pytest.skip("tinycudann is installed")
     except ImportError:
         pass
-    with pytest.raises(ImportError, match="tinycudann"):
-        HashGridEncoding(HashGridConfig(backend="tcnn"))
+    from recipes.geometry.backend import BackendNeedsCUDAError
+
+    if torch.cuda.is_available():
+        with pytest.raises(ImportError, match="tinycudann"):
+            HashGridEncoding(HashGridConfig(backend="tcnn"))
+    else:
+        with pytest.raises(BackendNeedsCUDAError, match="hash grid backend 'tcnn'"):
+            HashGridEncoding(HashGridConfig(backend="tcnn"))
     import recipes.geometry.backend as backend
 
     backend._logged.discard(("hash grid", "torch"))
