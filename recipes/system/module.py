@@ -25,6 +25,7 @@ from recipes.data.cameras import Cameras
 from recipes.export.video import image_grid, save_image, write_video
 from recipes.guidance.prompts import PromptConfig
 from recipes.guidance.sds import ScoreDistillationSampling, SDSConfig
+from recipes.losses.regularizers import RegularizerWeights, regularization
 from recipes.system.guidance import Guidance, GuidanceConfig, prompt_config
 from recipes.system.scene import Scene
 
@@ -47,6 +48,8 @@ class TextTo3D(pl.LightningModule):
         prompt_options: view-dependent prompting, negative prompt, embedding cache; its ``prompt`` field is
             replaced by ``prompt``. Default is threestudio's view-dependent prompting.
         sds: Score Distillation Sampling settings (CFG scale, timestep schedule, weighting). Default is SDS's.
+        regularizers: weights (numbers or step schedules) of the render regularizers (orientation, sparsity,
+            opaque, z-variance, eikonal, …; docs/recipes/regularizers.md). Default is none.
         seed: base of the per-step seeds of a sequential run; under Picard it must equal the strategy's seed.
             Default is 0.
         mesh_resolution: marching-cubes grid size for mesh export. Default is 128.
@@ -61,6 +64,7 @@ class TextTo3D(pl.LightningModule):
         guidance: GuidanceConfig | None = None,
         prompt_options: PromptConfig | None = None,
         sds: SDSConfig | None = None,
+        regularizers: RegularizerWeights | None = None,
         seed: int = 0,
         mesh_resolution: int = 128,
         texture_size: int | None = 512,
@@ -71,6 +75,7 @@ class TextTo3D(pl.LightningModule):
         self.recipe = recipe
         self.guidance_config = guidance if guidance is not None else GuidanceConfig()
         self.sds_config = sds if sds is not None else SDSConfig()
+        self.regularizers = regularizers if regularizers is not None else RegularizerWeights()
         self.seed = seed
         self.mesh_resolution = mesh_resolution
         self.texture_size = texture_size
@@ -167,8 +172,11 @@ class TextTo3D(pl.LightningModule):
         sds = ScoreDistillationSampling(guidance.denoiser, self.sds_config)
         distilled = sds(x, condition, uncondition, global_step=step, generator=generator)
         loss = distilled.loss
-        self.log("train/loss_sds", loss.detach(), prog_bar=False)
+        self.log("train/loss_sds", loss.detach())
         self.log("train/t", distilled.t.float().mean())
+        for name, term in regularization(out, self.regularizers, step).items():
+            loss = loss + term
+            self.log(f"train/{name}", term.detach())
         return loss
 
     # --- Picard protocol (delegated to the scene, which owns the state) ------------------------------------

@@ -71,7 +71,8 @@ class NeRFScene(Scene):
         environment: the learned environment map. Default is threestudio's.
         renderer: samples per ray, occupancy grid, backend. Default is threestudio's.
         optimizer: learning rates. Default is DreamFusion's.
-        mesh_threshold: iso-density for mesh export. Default is 25 (threestudio's ``isosurface_threshold``).
+        mesh_threshold: iso-density for mesh export, or ``"auto"`` (the mean of the grid's non-empty densities,
+            threestudio's rule). Default is ``"auto"``.
     """
 
     def __init__(
@@ -85,7 +86,7 @@ class NeRFScene(Scene):
         environment: NeuralEnvironmentMapConfig | None = None,
         renderer: VolumeRendererConfig | None = None,
         optimizer: NeRFOptimizer | None = None,
-        mesh_threshold: float = 25.0,
+        mesh_threshold: float | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         geometry = ImplicitVolume(field)
@@ -158,11 +159,6 @@ class NeRFScene(Scene):
     def export_mesh(self, stem: Path, resolution: int = 128, texture_size: int | None = 512) -> list[Path]:
         geometry = self.geometry
         mesh = marching_cubes(geometry.density, resolution, geometry.radius, level=self.mesh_threshold)
-        if mesh.faces.shape[0] == 0:
-            raise ValueError(
-                f"the density never reaches mesh_threshold={self.mesh_threshold} inside the scene box; "
-                "lower scene.init_args.mesh_threshold"
-            )
         activation = getattr(self.renderer.material.config, "albedo_activation", "sigmoid")
 
         def color(points: Tensor) -> Tensor:
