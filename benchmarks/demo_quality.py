@@ -11,10 +11,12 @@ per evaluation with the training CPU seconds so far (``time.thread_time``: the e
 and a thread's CPU time is not inflated by other jobs on a shared machine) and the wall seconds, and at
 the end the mean seconds per step.
 
-Losses: ``sds`` is SDS on the view-conditioned prior from random cameras (the demo); ``photo_ref`` is
-plain MSE to random reference views of the prior (what the prior knows); ``photo_gt`` is MSE to the
-ground truth rendered at the same random cameras as SDS (what the representation and renderer can
-reach at all; the photometric-fit bound).
+Losses: ``sds`` is SDS on the view-conditioned prior from the random cameras (the demo); ``photo_gt`` is
+MSE to the ground truth rendered at the same random cameras (the photometric-fit bound of the same
+setup: what the representation, renderer and cameras can reach at all); ``photo_ref`` is MSE to random
+reference views of the prior and ``sds_ref`` SDS at them (both by index into the prior's reference set).
+With ``cameras`` drawn from the reference grid (``GRID``), ``photo_gt`` is a photometric fit of the
+references.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from recipes.guidance.schedules import TimestepSchedule
 from recipes.guidance.sds import ScoreDistillationSampling, SDSConfig
 from recipes.render.gaussians_raster import render_gaussians
 
-Loss = Literal["sds", "photo_ref", "photo_gt"]
+Loss = Literal["sds", "sds_ref", "photo_ref", "photo_gt"]
 
 
 def procedural_cameras(**overrides: Any) -> RandomCameraConfig:
@@ -90,10 +92,28 @@ BASELINE = Setting()
 """docs/benchmarks.md's 18.5 dB setting, expressed in the building blocks (random cameras now cover
 elevations −10°…50° through RandomCameraConfig)."""
 
+REFERENCE_GRID = dict(elevation_choices=[-10.0, 20.0, 50.0], azimuth_choices=[30.0 * k for k in range(12)])
+"""The closed-form prior's reference poses (``reference_cameras()``) as RandomCameraConfig choices."""
+
+TUNED = derive(
+    BASELINE,
+    gaussians=dict(init_color=0.5),
+    lrs=dict(spatial_lr_scale=30.0, feature_lr=0.05),
+    prior=dict(sigma_deg=None, restrict_deg=20.0),
+)
+"""Better initialisation and learning rates, continuous random cameras."""
+
+GRID = derive(TUNED, cameras=REFERENCE_GRID)
+"""TUNED with the training cameras drawn at the prior's reference poses."""
+
 SETTINGS: dict[str, Setting] = {
     "baseline": BASELINE,
     "baseline_photo_ref": derive(BASELINE, loss="photo_ref"),
     "baseline_photo_gt": derive(BASELINE, loss="photo_gt"),
+    "tuned": TUNED,
+    "tuned_photo_gt": derive(TUNED, loss="photo_gt"),
+    "grid": GRID,
+    "grid_photo": derive(GRID, loss="photo_gt"),
 }
 
 
@@ -149,12 +169,15 @@ def run(setting: Setting, steps: int, seed: int, eval_every: int) -> list[dict[s
     for step in range(steps):
         cpu_start, wall_start = time.thread_time(), time.perf_counter()
         generator = step_generator(seed, step)
-        if setting.loss == "photo_ref":
+        if setting.loss in ("photo_ref", "sds_ref"):
             batch = camera_config.batch_size_at(step)
             index = torch.randint(0, len(references), (batch,), generator=generator)
             out = render_rgb(references[index])
             x = out.rgb.permute(0, 3, 1, 2)
-            loss = 0.5 * (x * 2 - 1 - prior.references[index]).square().sum() / batch
+            if setting.loss == "photo_ref":
+                loss = 0.5 * (x * 2 - 1 - prior.references[index]).square().sum() / batch
+            else:
+                loss = sds(x * 2 - 1, references[index], None, global_step=step, generator=generator).loss
         else:
             cameras = sample_random_cameras(camera_config, step, generator)
             out = render_rgb(cameras)
