@@ -36,6 +36,12 @@ class RandomCameraConfig:
 
     ``height``, ``width`` and ``batch_size`` are one value or one value per phase, the phases starting
     at the steps in ``resolution_milestones`` (so lists have ``len(resolution_milestones) + 1`` items).
+
+    ``elevation_choices`` / ``azimuth_choices`` (not in threestudio): when set, each view's nominal
+    elevation / azimuth is drawn uniformly from these values instead of from the range (the
+    perturbations still apply). With a prior that only knows a grid of posed views, such as the
+    closed-form prior (elevations −10, 20, 50; azimuths 0, 30, …, 330), this trains exactly at the
+    poses it knows. Default is ``None`` (continuous ranges), which leaves every draw as before.
     """
 
     height: int | list[int] = 64
@@ -54,6 +60,8 @@ class RandomCameraConfig:
     light_sample_strategy: Literal["dreamfusion", "magic3d"] = "dreamfusion"
     batch_uniform_azimuth: bool = True
     progressive_until: int = 0
+    elevation_choices: list[float] | None = None
+    azimuth_choices: list[float] | None = None
     eval_elevation_deg: float = 15.0
     eval_camera_distance: float = 1.5
     eval_fovy_deg: float = 70.0
@@ -66,6 +74,10 @@ class RandomCameraConfig:
                 raise ValueError(f"{name} has {len(value)} values but resolution_milestones defines {phases}")
         if list(self.resolution_milestones) != sorted(self.resolution_milestones):
             raise ValueError("resolution_milestones must be increasing")
+        for name in ("elevation_choices", "azimuth_choices"):
+            choices = getattr(self, name)
+            if choices is not None and len(choices) == 0:
+                raise ValueError(f"{name} is empty: give at least one angle in degrees, or None for the range")
 
     def _phase_value(self, value: int | list[int], step: int) -> int:
         if isinstance(value, int):
@@ -95,18 +107,27 @@ def _uniform(generator: torch.Generator, n: int, low: float, high: float) -> Ten
     return low + (high - low) * torch.rand(n, generator=generator)
 
 
+def _choice(generator: torch.Generator, n: int, values: list[float]) -> Tensor:
+    index = torch.randint(0, len(values), (n,), generator=generator)
+    return torch.tensor([float(v) for v in values])[index]
+
+
 def sample_random_cameras(config: RandomCameraConfig, step: int, generator: torch.Generator) -> Cameras:
     """Draw the camera batch of ``step`` from ``generator`` (the only source of randomness)."""
     n = config.batch_size_at(step)
     height, width = config.resolution_at(step)
     (elev_lo, elev_hi), (azim_lo, azim_hi) = config.ranges_at(step)
 
-    if torch.rand((), generator=generator) < 0.5:  # uniform in degrees (favours the poles)
+    if config.elevation_choices is not None:
+        elevation = _choice(generator, n, config.elevation_choices)
+    elif torch.rand((), generator=generator) < 0.5:  # uniform in degrees (favours the poles)
         elevation = _uniform(generator, n, elev_lo, elev_hi)
     else:  # uniform on the sphere band: sin(elevation) uniform
         sin_lo, sin_hi = math.sin(math.radians(elev_lo)), math.sin(math.radians(elev_hi))
         elevation = torch.rad2deg(torch.asin(_uniform(generator, n, sin_lo, sin_hi)))
-    if config.batch_uniform_azimuth:  # one azimuth per stratum of the range
+    if config.azimuth_choices is not None:
+        azimuth = _choice(generator, n, config.azimuth_choices)
+    elif config.batch_uniform_azimuth:  # one azimuth per stratum of the range
         strata = (torch.rand(n, generator=generator) + torch.arange(n)) / n
         azimuth = azim_lo + (azim_hi - azim_lo) * strata
     else:

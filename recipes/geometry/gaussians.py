@@ -180,13 +180,27 @@ class Gaussians(nn.Module):
         radius: initial points are uniform in a ball of this radius (DreamGaussian: 0.5).
         init_opacity: opacity of every initial Gaussian (DreamGaussian: 0.1).
         seed: seeds the initialisation generator (positions and the near-black random colours).
+        init_color: RGB value in [0, 1] given to every initial Gaussian (e.g. 0.5 for grey), or ``None``
+            for DreamGaussian's near-black random colours (uniform in [0, 1/255]). The positions do not
+            depend on it. Default is ``None``.
     """
 
-    def __init__(self, num_points: int = 5000, radius: float = 0.5, init_opacity: float = 0.1, seed: int = 0):
+    def __init__(
+        self,
+        num_points: int = 5000,
+        radius: float = 0.5,
+        init_opacity: float = 0.1,
+        seed: int = 0,
+        init_color: float | None = None,
+    ):
         super().__init__()
+        if init_color is not None and not 0.0 <= init_color <= 1.0:
+            raise ValueError(f"init_color must be an RGB value in [0, 1] or None, got {init_color}")
         generator = torch.Generator().manual_seed(seed)
         means = sample_ball(num_points, radius, generator)
         colors = torch.rand(num_points, 3, generator=generator) / 255.0
+        if init_color is not None:
+            colors = torch.full_like(colors, init_color)
         scale = torch.sqrt(mean_sq_distance_to_neighbours(means).clamp_min(1e-7))
         self.means = nn.Parameter(means)
         self.sh_dc = nn.Parameter(rgb_to_sh_dc(colors))

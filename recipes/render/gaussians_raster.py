@@ -25,6 +25,7 @@ from recipes.geometry.gaussians import covariances
 log = logging.getLogger(__name__)
 
 GaussianBackend = Literal["auto", "torch", "gsplat"]
+TorchCompositor = Literal["fused", "dense"]
 _announced: set[str] = set()
 
 ALPHA_MAX = 0.99
@@ -136,15 +137,8 @@ def composite_dense(
     Inputs are for one camera (``means2d [N, 2]``, ``conics [N, 3]``, ``depths``/``radii``/``opacities``
     ``[N]``, ``colors [N, C]``). Returns colour ``[H, W, C]`` (no background), alpha and depth ``[H, W, 1]``.
     """
-    visible = torch.nonzero(radii > 0).squeeze(-1)
-    order = visible[torch.argsort(depths[visible])]
-    dtype, device = means2d.dtype, means2d.device
-    ys, xs = torch.meshgrid(
-        torch.arange(height, dtype=dtype, device=device) + 0.5,
-        torch.arange(width, dtype=dtype, device=device) + 0.5,
-        indexing="ij",
-    )
-    pixels = torch.stack([xs, ys], dim=-1).reshape(-1, 2)
+    order = _depth_order(depths, radii)
+    pixels = _pixel_centres(width, height, means2d.dtype, means2d.device)
     delta = pixels[None] - means2d[order][:, None]  # [M, HW, 2]
     conic = conics[order]
     power = (
@@ -161,6 +155,95 @@ def composite_dense(
     return color.reshape(height, width, -1), acc.reshape(height, width, 1), depth.reshape(height, width, 1)
 
 
+def composite_fused(
+    means2d: Tensor,
+    conics: Tensor,
+    depths: Tensor,
+    radii: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    width: int,
+    height: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`composite_dense` as one autograd node with a hand-written backward (same inputs and outputs).
+
+    The forward computes the same per-pixel alphas, transmittances and weights as :func:`composite_dense`;
+    the backward uses the closed-form gradient of front-to-back compositing (3DGS: ∂C/∂αᵢ = Tᵢ qᵢ −
+    Σ_{j>i} wⱼ qⱼ / (1 − αᵢ)) instead of differentiating through ``cumprod``, and keeps only a few
+    ``[M, H·W]`` intermediates. It agrees with :func:`composite_dense` to float rounding, values and
+    gradients (tests/recipes/test_gaussians.py), and is about 3× faster on a CPU.
+    """
+    order = _depth_order(depths, radii)
+    pixels = _pixel_centres(width, height, means2d.dtype, means2d.device)
+    features = torch.cat([colors[order], depths[order][:, None]], dim=1)
+    out, acc = _FusedComposite.apply(means2d[order], conics[order], opacities[order], features, pixels)
+    color, depth = out[:, :-1], out[:, -1:]
+    return color.reshape(height, width, -1), acc.reshape(height, width, 1), depth.reshape(height, width, 1)
+
+
+class _FusedComposite(torch.autograd.Function):
+    """Front-to-back compositing of M depth-sorted Gaussians over P pixels: (Σ wᵢ fᵢ ``[P, F]``, Σ wᵢ ``[P]``)."""
+
+    @staticmethod
+    def forward(ctx, means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor, pixels: Tensor):
+        dx = pixels[None, :, 0] - means2d[:, 0:1]  # [M, P]
+        dy = pixels[None, :, 1] - means2d[:, 1:2]
+        a, b, c = conics[:, 0:1], conics[:, 1:2], conics[:, 2:3]
+        # The same floating-point operations, in the same order, as composite_dense.
+        power = (dx * dx).mul_(a).add_((dy * dy).mul_(c)).mul_(-0.5).sub_((b * dx).mul_(dy))
+        raw = power.clamp_max(0.0).exp_().mul_(opacities[:, None])
+        alpha = raw.clamp_max(ALPHA_MAX)
+        valid = (power <= 0) & (alpha >= ALPHA_MIN)
+        alpha.masked_fill_(~valid, 0.0)
+        passes = valid & (raw <= ALPHA_MAX)  # where α = o·G(x) and the gradient flows
+        del power, raw
+        transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:1]), 1 - alpha[:-1]]), dim=0)
+        weights = alpha * transmittance
+        out = weights.T @ features
+        acc = weights.sum(dim=0)
+        ctx.save_for_backward(conics, opacities, features, dx, dy, alpha, transmittance, weights, passes)
+        return out, acc
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor, grad_acc: Tensor):
+        conics, opacities, features, dx, dy, alpha, transmittance, weights, passes = ctx.saved_tensors
+        # qᵢ(p): how much pixel p's loss changes per unit of weight on Gaussian i.
+        q = (features @ grad_out.T).add_(grad_acc[None])
+        grad_features = weights @ grad_out
+        weighted = weights * q
+        behind = torch.zeros_like(weighted)  # Σ_{j>i} wⱼ qⱼ, summed from the back for accuracy
+        if weighted.shape[0] > 1:
+            behind[:-1] = torch.flip(torch.cumsum(torch.flip(weighted[1:], (0,)), dim=0), (0,))
+        grad_alpha = (transmittance * q).sub_(behind.div_(1 - alpha))
+        grad_power = grad_alpha.mul_(alpha).masked_fill_(~passes, 0.0)  # ∂α/∂power = α where it passes
+        grad_opacities = grad_power.sum(dim=1) / opacities
+        u, v = grad_power * dx, grad_power * dy
+        sum_u, sum_v = u.sum(dim=1), v.sum(dim=1)
+        a, b, c = conics.unbind(-1)
+        grad_means2d = torch.stack([a * sum_u + b * sum_v, c * sum_v + b * sum_u], dim=-1)
+        grad_conics = torch.stack(
+            [-0.5 * (u * dx).sum(dim=1), -(u * dy).sum(dim=1), -0.5 * (v * dy).sum(dim=1)], dim=-1
+        )
+        return grad_means2d, grad_conics, grad_opacities, grad_features, None
+
+
+def _depth_order(depths: Tensor, radii: Tensor) -> Tensor:
+    """Indices of the visible Gaussians (positive radius), nearest first."""
+    visible = torch.nonzero(radii > 0).squeeze(-1)
+    return visible[torch.argsort(depths[visible])]
+
+
+def _pixel_centres(width: int, height: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Pixel centres ``[H·W, 2]`` as (x, y), row-major from the top-left pixel."""
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=dtype, device=device) + 0.5,
+        torch.arange(width, dtype=dtype, device=device) + 0.5,
+        indexing="ij",
+    )
+    return torch.stack([xs, ys], dim=-1).reshape(-1, 2)
+
+
 def rasterize_gaussians(
     means: Tensor,
     quats: Tensor,
@@ -171,9 +254,18 @@ def rasterize_gaussians(
     background: Tensor | None = None,
     backend: GaussianBackend = "torch",
     near: float = 0.01,
+    compositor: TorchCompositor = "fused",
 ) -> GaussianRender:
     """Render N Gaussians (``means [N,3]``, wxyz ``quats [N,4]``, ``scales [N,3]``, ``opacities [N]``,
-    ``colors [N,C]`` or ``[B,N,C]``) into every camera; ``background`` is ``[C]`` or ``[B,H,W,C]``."""
+    ``colors [N,C]`` or ``[B,N,C]``) into every camera; ``background`` is ``[C]`` or ``[B,H,W,C]``.
+
+    ``compositor`` picks the torch backend's compositing: ``"fused"`` (:func:`composite_fused`, one autograd
+    node) or ``"dense"`` (:func:`composite_dense`, plain autograd); they agree to float rounding. Default is
+    ``"fused"``.
+    """
+    if compositor not in ("fused", "dense"):
+        raise ValueError(f"unknown compositor {compositor!r}; use 'fused' or 'dense'")
+    composite = composite_fused if compositor == "fused" else composite_dense
     chosen = resolve_backend(backend, means.device)
     if chosen == "gsplat":
         color, alpha, depth, means2d, radii = _rasterize_gsplat(
@@ -184,7 +276,7 @@ def rasterize_gaussians(
         if means2d.requires_grad:
             means2d.retain_grad()
         per_view = [
-            composite_dense(
+            composite(
                 means2d[b],
                 conics[b],
                 depths[b],
@@ -203,9 +295,16 @@ def rasterize_gaussians(
 
 
 def render_gaussians(
-    gaussians, cameras: Cameras, background: Tensor | None = None, backend: GaussianBackend = "torch"
+    gaussians,
+    cameras: Cameras,
+    background: Tensor | None = None,
+    backend: GaussianBackend = "torch",
+    compositor: TorchCompositor = "fused",
 ) -> GaussianRender:
-    """Render a :class:`~recipes.geometry.gaussians.Gaussians` module (activated parameters) into ``cameras``."""
+    """Render a :class:`~recipes.geometry.gaussians.Gaussians` module (activated parameters) into ``cameras``.
+
+    ``compositor`` is passed to :func:`rasterize_gaussians`. Default is ``"fused"``.
+    """
     return rasterize_gaussians(
         gaussians.means,
         gaussians.rotations,
@@ -215,6 +314,7 @@ def render_gaussians(
         cameras,
         background=background,
         backend=backend,
+        compositor=compositor,
     )
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from recipes.data.cameras import Cameras, look_at, orbit_cameras
+from recipes.data.cameras import Cameras, cameras_from_spherical, look_at, orbit_cameras
 
 
 def _project_pixels(cameras: Cameras, points: torch.Tensor) -> torch.Tensor:
@@ -123,6 +123,27 @@ def test_random_cameras_respect_ranges_strata_and_lights():
     )[2]
     cosine = torch.nn.functional.cosine_similarity(magic3d.light_positions, magic3d.positions, dim=-1)
     assert (cosine >= math.cos(math.radians(60)) - 1e-4).all()  # light elevation 30..90 deg over the view
+
+
+def test_random_cameras_can_be_drawn_from_a_grid_of_poses():
+    from recipes.data.random_cameras import RandomCameraConfig, RandomCameraDataset
+
+    grid = dict(elevation_choices=[-10.0, 20.0, 50.0], azimuth_choices=[0.0, 30.0, 60.0])
+    fixed = dict(camera_perturb=0.0, center_perturb=0.0, up_perturb=0.0, camera_distance_range=(3.0, 3.0))
+    seen = set()
+    for step in range(40):
+        cams = RandomCameraDataset(RandomCameraConfig(batch_size=4, **grid, **fixed), seed=1, num_steps=40)[step]
+        seen |= {(e, a) for e, a in zip(cams.elevation_deg.tolist(), cams.azimuth_deg.tolist())}
+        expected = cameras_from_spherical(
+            cams.elevation_deg, cams.azimuth_deg, torch.full((4,), 3.0), torch.rad2deg(cams.fovy), 64, 64
+        )
+        torch.testing.assert_close(cams.positions, expected.positions)  # the pose is the drawn grid pose
+    assert seen == {(e, a) for e in grid["elevation_choices"] for a in grid["azimuth_choices"]}
+    # Unset, the elevations come from the continuous range.
+    plain = RandomCameraDataset(RandomCameraConfig(batch_size=4), seed=1, num_steps=2)[1]
+    assert not set(plain.elevation_deg.tolist()) <= set(grid["elevation_choices"])
+    with pytest.raises(ValueError, match="elevation_choices is empty"):
+        RandomCameraConfig(elevation_choices=[])
 
 
 def test_progressive_resolution_batch_size_and_ranges_follow_the_step():
