@@ -244,7 +244,7 @@ def run(
             raise FileExistsError(f"{out} already holds a demo; pass another --out")
     sequential = ["--trainer.strategy", "auto", "--trainer.devices", "1"]
     seed1 = ["--model.seed", "1", "--data.init_args.seed", "1"]
-    picard = ["--trainer.strategy", "picard", "--trainer.devices", str(devices)]
+    picard = ["--trainer.devices", str(devices)]  # the config's strategy
     started = time.perf_counter()
 
     def launch(names_and_args: dict[str, list[str]], run_config: Path = config) -> None:

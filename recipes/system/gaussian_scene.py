@@ -42,12 +42,15 @@ class GaussianInit:
         num_points: initial number of Gaussians. Default is 5000.
         radius: the initial points are uniform in a ball of this radius. Default is 0.5.
         opacity: initial opacity of every Gaussian. Default is 0.1.
+        color: RGB value in [0, 1] of every initial Gaussian, or None for DreamGaussian's random near-black
+            colours. Grey (0.5) starts far closer to most objects on a white background. Default is None.
         seed: seed of the initialisation (positions, colours). Default is 0.
     """
 
     num_points: int = 5000
     radius: float = 0.5
     opacity: float = 0.1
+    color: float | None = None
     seed: int = 0
 
 
@@ -83,7 +86,7 @@ class GaussianScene(Scene):
         if init.num_points < 1:
             raise ValueError(f"GaussianInit.num_points must be at least 1, got {init.num_points}")
         self.learning_rates = learning_rates if learning_rates is not None else GaussianLearningRates()
-        self.gaussians = Gaussians(init.num_points, init.radius, init.opacity, init.seed)
+        self.gaussians = Gaussians(init.num_points, init.radius, init.opacity, init.seed, init_color=init.color)
         self.density = GaussianDensityControl(densification or DensificationSchedule(), init.num_points)
         self.register_buffer("background", torch.tensor(background, dtype=torch.float32), persistent=False)
         self.register_buffer("screen_grad", torch.zeros(init.num_points, 2))
