@@ -2,6 +2,7 @@
 videos (.mp4/.gif) and image grids."""
 
 from recipes.export.mesh import (
+    GaussianColorField,
     GaussianDensityField,
     TexturedMesh,
     auto_density_threshold,
@@ -15,6 +16,7 @@ from recipes.export.mesh import (
 from recipes.export.video import image_grid, render_turntable, save_image, save_turntable, write_video
 
 __all__ = [
+    "GaussianColorField",
     "GaussianDensityField",
     "TexturedMesh",
     "auto_density_threshold",

@@ -149,14 +149,41 @@ class GaussianDensityField:
             )
         self.chunk = chunk
 
+    def mahalanobis(self, points: Tensor) -> Tensor:
+        """Squared Mahalanobis distance ``[P, N]`` of ``points [P, 3]`` to every Gaussian."""
+        d = points[:, None] - self.means[None]  # [P, N, 3]
+        return torch.einsum("pni,nij,pnj->pn", d, self.precisions, d)
+
     @torch.no_grad()
     def __call__(self, points: Tensor) -> Tensor:
-        out = []
-        for p in points.split(self.chunk):
-            d = p[:, None] - self.means[None]  # [P, N, 3]
-            mahalanobis = torch.einsum("pni,nij,pnj->pn", d, self.precisions, d)
-            out.append((self.opacities * torch.exp(-0.5 * mahalanobis)).sum(-1))
-        return torch.cat(out)
+        return torch.cat(
+            [
+                (self.opacities * torch.exp(-0.5 * self.mahalanobis(p))).sum(-1)
+                for p in points.split(self.chunk)
+            ]
+        )
+
+
+class GaussianColorField(GaussianDensityField):
+    """Colour at points: the mean colour of the Gaussians weighted by their density there (for baking textures).
+
+    The weights are normalised in log space, so points far from every Gaussian still get their nearest
+    Gaussians' colour rather than black.
+    """
+
+    def __init__(self, gaussians, chunk: int = 2048) -> None:
+        super().__init__(gaussians, chunk)
+        self.colors = gaussians.colors.detach().clamp(0, 1)
+
+    @torch.no_grad()
+    def __call__(self, points: Tensor) -> Tensor:
+        log_opacities = torch.log(self.opacities.clamp_min(1e-12))
+        return torch.cat(
+            [
+                torch.softmax(log_opacities - 0.5 * self.mahalanobis(p), dim=-1) @ self.colors
+                for p in points.split(self.chunk)
+            ]
+        )
 
 
 @dataclass

@@ -16,18 +16,13 @@ import torch
 from torch import Tensor
 
 from recipes.data.cameras import Cameras
-from recipes.export.mesh import GaussianDensityField, export_mesh, marching_cubes
+from recipes.export.mesh import GaussianColorField, GaussianDensityField, export_mesh, marching_cubes
 from recipes.geometry.gaussian_density_control import (
     DensificationSchedule,
     GaussianDensityControl,
     resize_report,
 )
-from recipes.geometry.gaussians import (
-    GaussianLearningRates,
-    Gaussians,
-    covariances,
-    resize_rows_to_state_dict,
-)
+from recipes.geometry.gaussians import GaussianLearningRates, Gaussians, resize_rows_to_state_dict
 from recipes.render.gaussians_raster import GaussianBackend, render_gaussians, resolve_backend
 from recipes.system.scene import Scene
 
@@ -86,7 +81,9 @@ class GaussianScene(Scene):
         if init.num_points < 1:
             raise ValueError(f"GaussianInit.num_points must be at least 1, got {init.num_points}")
         self.learning_rates = learning_rates if learning_rates is not None else GaussianLearningRates()
-        self.gaussians = Gaussians(init.num_points, init.radius, init.opacity, init.seed, init_color=init.color)
+        self.gaussians = Gaussians(
+            init.num_points, init.radius, init.opacity, init.seed, init_color=init.color
+        )
         self.density = GaussianDensityControl(densification or DensificationSchedule(), init.num_points)
         self.register_buffer("background", torch.tensor(background, dtype=torch.float32), persistent=False)
         self.register_buffer("screen_grad", torch.zeros(init.num_points, 2))
@@ -160,28 +157,4 @@ class GaussianScene(Scene):
         ]
 
 
-class GaussianColorField:
-    """Colour at world points: the density-weighted mean colour of the Gaussians (for baking mesh textures)."""
-
-    def __init__(self, gaussians: Gaussians, chunk: int = 2048) -> None:
-        self.means = gaussians.means.detach()
-        self.weights = gaussians.opacities.detach()
-        self.colors = gaussians.colors.detach().clamp(0, 1)
-        self.precisions = torch.linalg.inv(
-            covariances(gaussians.rotations.detach(), gaussians.scales.detach())
-        )
-        self.chunk = chunk
-
-    @torch.no_grad()
-    def __call__(self, points: Tensor) -> Tensor:
-        out = []
-        for p in points.split(self.chunk):
-            d = p[:, None] - self.means[None]
-            mahalanobis = torch.einsum("pni,nij,pnj->pn", d, self.precisions, d)
-            # log-space weights so that far-away points still pick their nearest Gaussians' colour
-            logits = torch.log(self.weights.clamp_min(1e-12)) - 0.5 * mahalanobis
-            out.append(torch.softmax(logits, dim=-1) @ self.colors)
-        return torch.cat(out)
-
-
-__all__ = ["GaussianColorField", "GaussianInit", "GaussianScene"]
+__all__ = ["GaussianInit", "GaussianScene"]

@@ -89,20 +89,20 @@ class NeRFScene(Scene):
         mesh_threshold: float | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
-        geometry = ImplicitVolume(field)
-        if material == "diffuse":
-            shading: nn.Module = DiffusePointLightMaterial(diffuse)
-        elif material == "none":
-            shading = NoMaterial(unlit)
-        else:
-            raise ValueError(f"unknown material {material!r}; use 'diffuse' or 'none'")
-        if background == "solid":
-            backdrop: nn.Module = SolidColorBackground(solid)
-        elif background == "environment":
-            backdrop = NeuralEnvironmentMapBackground(environment)
-        else:
-            raise ValueError(f"unknown background {background!r}; use 'solid' or 'environment'")
-        self.renderer = VolumeRenderer(geometry, shading, backdrop, renderer)
+        shading = _choose(
+            "material",
+            material,
+            {"diffuse": (DiffusePointLightMaterial, diffuse), "none": (NoMaterial, unlit)},
+        )
+        backdrop = _choose(
+            "background",
+            background,
+            {
+                "solid": (SolidColorBackground, solid),
+                "environment": (NeuralEnvironmentMapBackground, environment),
+            },
+        )
+        self.renderer = VolumeRenderer(ImplicitVolume(field), shading, backdrop, renderer)
         self.optimizer_config = optimizer if optimizer is not None else NeRFOptimizer()
         self.mesh_threshold = mesh_threshold
 
@@ -170,6 +170,14 @@ class NeRFScene(Scene):
             export_mesh(stem.with_suffix(".obj"), mesh, color, texture_size=texture_size),
             export_mesh(stem.with_suffix(".glb"), mesh, color),
         ]
+
+
+def _choose(part: str, name: str, choices: dict[str, tuple[type[nn.Module], object]]) -> nn.Module:
+    """Build the module ``choices[name]`` from its config, or say which names there are."""
+    if name not in choices:
+        raise ValueError(f"unknown {part} {name!r}; use one of {', '.join(map(repr, choices))}")
+    module_class, config = choices[name]
+    return module_class(config)
 
 
 __all__ = ["NeRFOptimizer", "NeRFScene"]

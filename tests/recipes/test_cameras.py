@@ -132,7 +132,9 @@ def test_random_cameras_can_be_drawn_from_a_grid_of_poses():
     fixed = dict(camera_perturb=0.0, center_perturb=0.0, up_perturb=0.0, camera_distance_range=(3.0, 3.0))
     seen = set()
     for step in range(40):
-        cams = RandomCameraDataset(RandomCameraConfig(batch_size=4, **grid, **fixed), seed=1, num_steps=40)[step]
+        cams = RandomCameraDataset(RandomCameraConfig(batch_size=4, **grid, **fixed), seed=1, num_steps=40)[
+            step
+        ]
         seen |= {(e, a) for e, a in zip(cams.elevation_deg.tolist(), cams.azimuth_deg.tolist())}
         expected = cameras_from_spherical(
             cams.elevation_deg, cams.azimuth_deg, torch.full((4,), 3.0), torch.rad2deg(cams.fovy), 64, 64
