@@ -38,15 +38,19 @@ All hooks are optional; a module that defines none is trained as one fixed vecto
     is replayed (mapped like gradients when the slot was evaluated on other rows; report them in resizes like
     any per-row buffer). They travel in the gradient rows, in the parameters' dtype.
 
-``picard_buffers() -> Mapping[str, bool]``
+``picard_buffers() -> Mapping[str, bool | float]``
     Module buffers (full dotted names, as in ``named_buffers``) that are Picard state: each guess carries its
     own copy, slot evaluations see the guess's buffers, and the replay restarts from the anchor's. The value
     says whether the buffer's difference counts in the Picard error (as ``‖Δ‖²`` over its elements, next to
-    the parameters'); buffers that are functions of the parameters and the step need not count.
+    the parameters'), or with what weight (a float ≥ 0; ``True`` is 1); buffers that are functions of the
+    parameters and the step need not count. With ``error_units="step"`` each counted buffer is measured
+    against its own change per step, so counts and statistics in other units than the parameters do not
+    dominate the error.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -85,8 +89,8 @@ def picard_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for _, p in picard_named_parameters(module)]
 
 
-def picard_buffers(module: torch.nn.Module) -> dict[str, bool]:
-    """The module's ``picard_buffers()`` as ``{name: counted in the error}``, or ``{}``."""
+def picard_buffers(module: torch.nn.Module) -> dict[str, bool | float]:
+    """The module's ``picard_buffers()`` as ``{name: weight in the error}`` (a bool or a weight ≥ 0), or ``{}``."""
     declare = getattr(module, "picard_buffers", None)
     if declare is None:
         return {}
@@ -96,7 +100,18 @@ def picard_buffers(module: torch.nn.Module) -> dict[str, bool]:
             f"picard_buffers() must return a mapping {{buffer name: counted in the error}}, got "
             f"{type(declared).__name__}. Example: return {{'occupancy': False, 'grad_sum': True}}."
         )
-    return {str(name): bool(counted) for name, counted in declared.items()}
+    weights: dict[str, bool | float] = {}
+    for name, weight in declared.items():
+        if isinstance(weight, bool):
+            weights[str(name)] = weight
+        elif isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0:
+            weights[str(name)] = float(weight)
+        else:
+            raise ValueError(
+                f"picard_buffers() gives {name!r} the weight {weight!r}; use True/False or a finite weight >= 0 "
+                "(its share of the Picard error, 1 = like a parameter)."
+            )
+    return weights
 
 
 def picard_step_outputs(module: torch.nn.Module) -> list[str]:

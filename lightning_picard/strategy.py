@@ -26,7 +26,14 @@ from lightning_picard.hooks import (
     picard_step_outputs,
 )
 from lightning_picard.loop import check_trainer_supported, install_picard_loop
-from lightning_picard.picard import AGGREGATES, INITIALIZERS, FlatParameters, OptimizerSnapshot, PicardWindow
+from lightning_picard.picard import (
+    AGGREGATES,
+    ERROR_UNITS,
+    INITIALIZERS,
+    FlatParameters,
+    OptimizerSnapshot,
+    PicardWindow,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -95,8 +102,11 @@ class PicardStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        error_units: Literal["step", "absolute"] = "absolute",
+        max_threshold: float | None = None,
     ) -> None:
         _validate_arguments(window_size, threshold, ema_decay, aggregate, init, seed)
+        _validate_policy(threshold, error_units, max_threshold)
         if timeout is not None and not (isinstance(timeout, timedelta) and timeout.total_seconds() > 0):
             raise ValueError(f"timeout must be a positive datetime.timedelta or None, got {timeout!r}.")
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
@@ -124,6 +134,8 @@ class PicardStrategy(DDPStrategy):
         self.aggregate = aggregate
         self.init = init
         self.seed = int(seed)
+        self.error_units = error_units
+        self.max_threshold = None if max_threshold is None else float(max_threshold)
         self.window: PicardWindow | None = None
         self.flat: FlatParameters | None = None
         self.snapshot: OptimizerSnapshot | None = None
@@ -176,6 +188,8 @@ class PicardStrategy(DDPStrategy):
             self.init,
             buffers=ModuleBuffers(module, buffers, outputs) if buffers or outputs else None,
             resizable=callable(getattr(module, "picard_after_optimizer_step", None)),
+            error_units=self.error_units,
+            max_threshold=self.max_threshold,
         )
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         self.snapshot = OptimizerSnapshot(trainer.optimizers[0], schedulers)
@@ -360,11 +374,28 @@ def _validate_arguments(
             f"threshold must be >= 0, got {threshold}. Use 0 for exact sequential results, or a small positive "
             "value such as 5e-6 for speed."
         )
-    if not 0 <= ema_decay < 1:
-        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}. The paper uses 0.9.")
+    if not 0 <= ema_decay <= 1:
+        raise ValueError(
+            f"ema_decay must be in [0, 1], got {ema_decay}. 1 keeps the threshold fixed; the paper uses 0.9."
+        )
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}.")
     if init not in INITIALIZERS:
         raise ValueError(f"init must be one of {INITIALIZERS}, got {init!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+
+
+def _validate_policy(threshold: float, error_units: str, max_threshold: float | None) -> None:
+    if error_units not in ERROR_UNITS:
+        raise ValueError(
+            f"error_units must be one of {ERROR_UNITS}, got {error_units!r}: 'step' measures a guess's distance "
+            "in optimizer steps, 'absolute' is the paper's ‖Δθ‖²/D."
+        )
+    if max_threshold is not None and not (isinstance(max_threshold, (int, float)) and max_threshold >= 0):
+        raise ValueError(f"max_threshold must be None or a number >= 0, got {max_threshold!r}.")
+    if max_threshold is not None and threshold > max_threshold:
+        raise ValueError(
+            f"threshold ({threshold}) is above max_threshold ({max_threshold}); the threshold starts at "
+            "`threshold` and adapts up to `max_threshold`. Raise max_threshold or lower threshold."
+        )
