@@ -53,7 +53,11 @@ POLICIES: dict[str, dict[str, object]] = {
         "init": "copy",
         "max_threshold": 5e-6,
     },
+    "absolute-1e-12": {"threshold": 1e-12, "ema_decay": 1.0, "error_units": "absolute", "init": "copy"},
     # errors in optimizer steps (squared), fixed tolerance
+    "step-4": {"threshold": 4.0, "ema_decay": 1.0, "error_units": "step", "init": "copy"},
+    "step-4-x": {"threshold": 4.0, "ema_decay": 1.0, "error_units": "step", "init": "extrapolate"},
+    "step-16": {"threshold": 16.0, "ema_decay": 1.0, "error_units": "step", "init": "copy"},
     "step-1": {"threshold": 1.0, "ema_decay": 1.0, "error_units": "step", "init": "copy"},
     "step-0.1": {"threshold": 0.1, "ema_decay": 1.0, "error_units": "step", "init": "copy"},
     "step-0.01": {"threshold": 0.01, "ema_decay": 1.0, "error_units": "step", "init": "copy"},
@@ -61,6 +65,13 @@ POLICIES: dict[str, dict[str, object]] = {
     "step-0.1-x": {"threshold": 0.1, "ema_decay": 1.0, "error_units": "step", "init": "extrapolate"},
     "step-0.01-x": {"threshold": 0.01, "ema_decay": 1.0, "error_units": "step", "init": "extrapolate"},
     # errors in steps, the paper's EMA under a cap at the tolerance
+    "step-ema-1": {
+        "threshold": 1.0,
+        "ema_decay": 0.9,
+        "error_units": "step",
+        "init": "copy",
+        "max_threshold": 1.0,
+    },
     "step-ema-0.1": {
         "threshold": 0.1,
         "ema_decay": 0.9,

@@ -160,7 +160,7 @@ class SDSNeRF(pl.LightningModule):
             field,
             NoMaterial(),
             SolidColorBackground(),
-            VolumeRendererConfig(num_samples_per_ray=40, occupancy=OccupancyGridConfig(enabled=False)),
+            VolumeRendererConfig(num_samples_per_ray=32, occupancy=OccupancyGridConfig(enabled=False)),
         )
         self.lr = 0.03 if hard else 0.01
         self.sds = ScoreDistillationSampling(prior(), SDSConfig(guidance_scale=1.0))
@@ -233,7 +233,7 @@ def _render_quality(module: pl.LightningModule) -> float:
 
 def cases(steps: dict[str, int] | None = None) -> dict[str, Case]:
     """Every case, normal and ``-hard``, by name; ``steps`` overrides the number of steps of a base case."""
-    steps = {"regression": 200, "points": 60, "gaussians": 100, "nerf": 60, **(steps or {})}
+    steps = {"regression": 200, "points": 60, "gaussians": 100, "nerf": 50, **(steps or {})}
     out: dict[str, Case] = {}
     for hard in (False, True):
         suffix = "-hard" if hard else ""

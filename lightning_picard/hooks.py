@@ -148,8 +148,18 @@ def run_after_optimizer_step(
     if hook is None:
         return None
     before = state_shapes(module) if validate else None
+    undeclared = undeclared_tensor_versions(module)
     with rng.step_rng(seed, step, stream=HOOK_STREAM):
         report = hook(step)
+    changed = changed_tensors(undeclared, undeclared_tensor_versions(module))
+    if changed:
+        raise RuntimeError(
+            f"picard_after_optimizer_step(step={step}) changed {changed}, which are not Picard state: under Picard "
+            "the hook runs only in the replay, so the guesses and the slot evaluations would not see the change "
+            "and the run would silently differ from the sequential one. Declare them in picard_buffers() (as "
+            "registered buffers), or picard_step_outputs() if training_step writes them, or leave them unchanged "
+            "in the hook."
+        )
     if report is not None and not isinstance(report, Mapping):
         raise TypeError(
             f"picard_after_optimizer_step(step={step}) must return None or {{name: parents}}, got "
@@ -158,3 +168,45 @@ def run_after_optimizer_step(
     if before is not None:
         resize_event(report, step, before, state_shapes(module))
     return report or None
+
+
+def undeclared_tensor_versions(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """``{name: (tensor, version counter)}`` of the module's tensors that are not Picard state.
+
+    Covered: registered buffers and plain tensor attributes of every submodule, except the Picard buffers and
+    step outputs; parameters are Picard state or rank-local and are not covered. Tensors created in inference
+    mode have no version counter: only their identity is compared.
+    """
+    declared = set(picard_buffers(module)) | set(picard_step_outputs(module))
+    versions: dict[str, tuple[torch.Tensor, int | None]] = {}
+    for prefix, sub in module.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        candidates = [*sub._buffers.items()] + [
+            (key, value)
+            for key, value in vars(sub).items()
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
+        ]
+        for key, value in candidates:
+            name = dot + key
+            if value is None or name in declared:
+                continue
+            try:
+                version: int | None = value._version
+            except RuntimeError:  # an inference tensor
+                version = None
+            versions[name] = (value, version)
+    return versions
+
+
+def changed_tensors(
+    before: Mapping[str, tuple[torch.Tensor, int | None]],
+    after: Mapping[str, tuple[torch.Tensor, int | None]],
+) -> list[str]:
+    """Names whose tensor was modified in place, replaced, added or removed between two
+    :func:`undeclared_tensor_versions` readings."""
+    changed = []
+    for name in before.keys() | after.keys():
+        old, new = before.get(name), after.get(name)
+        if old is None or new is None or old[0] is not new[0] or old[1] != new[1]:
+            changed.append(name)
+    return sorted(changed)

@@ -283,26 +283,23 @@ def segment_squares(values: torch.Tensor, numels: Sequence[int]) -> torch.Tensor
 def step_relative_errors(
     errors: torch.Tensor, steps: torch.Tensor, weights: torch.Tensor, fallback: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Errors in units of the round's step length, per tensor, and the step scale used.
+    """Errors in units of the round's step length: the largest over tensors, and the step scale used.
 
     ``errors[j, k]`` is ‖θ′ − θ‖² of tensor k at slot j, ``steps[j, k]`` the ‖θ′_{τ+j+1} − θ′_{τ+j}‖² of the
-    replayed step into that slot (NaN where a resize made it incomparable), ``weights[j, k]`` the tensor's
-    share (its numel, times a buffer's weight). The scale of tensor k is its mean squared step over the round
-    (``fallback`` where no step of the round was comparable); the error of slot j is the weighted mean over
-    tensors of errors[j, k] / scale[k]. A tensor whose guess is off while its steps are zero makes the slot
-    infinitely far; a NaN error stays NaN.
+    replayed step into that slot (NaN where a resize made it incomparable), ``weights[k]`` the tensor's weight
+    (1 for a parameter, a buffer's weight, 0 to leave a tensor out). The scale of tensor k is its mean squared
+    step over the round (``fallback`` where no step of the round was comparable); the error of slot j is the
+    largest weighted ``errors[j, k] / scale[k]``: every tensor's guess is within the threshold of its own step.
+    A tensor whose guess is off while it did not move makes the slot infinitely far; a NaN error stays NaN.
     """
     comparable = ~torch.isnan(steps)
     counted = comparable.sum(0)
     scale = torch.where(comparable, steps, torch.zeros_like(steps)).sum(0) / counted.clamp(min=1)
-    if fallback is not None:
-        scale = torch.where(counted > 0, scale, fallback)
-    else:
-        scale = torch.where(counted > 0, scale, torch.full_like(scale, math.nan))
-    ratio = errors / scale
-    ratio = torch.where(errors == 0, torch.zeros_like(ratio), ratio)  # 0/0: an exact tensor that did not move
-    relative = (ratio * weights).sum(1) / weights.sum(1).clamp(min=_SMALLEST_ERROR)
-    return relative, scale
+    missing = fallback if fallback is not None else torch.full_like(scale, math.nan)
+    scale = torch.where(counted > 0, scale, missing)
+    ratio = torch.where(errors == 0, torch.zeros_like(errors), errors / scale)  # 0/0: exact and did not move
+    ratio = torch.where(weights > 0, ratio * weights, torch.zeros_like(ratio))
+    return ratio.amax(dim=1), scale
 
 
 def first_unconverged(errors: Sequence[float], threshold: float) -> int:
@@ -396,9 +393,9 @@ class PicardWindow:
             window): their errors measure how far the parameters move, not how good a guess is.
         aggregate: ``M``, a true ``"median"`` or the ``"mean"`` of the round's errors.
         error_units: ``"absolute"``: ``err_j = ‖θ′ − θ‖² / D`` (the paper's). ``"step"``: per parameter tensor
-            (and counted buffer) ``‖θ′ − θ‖²`` over the tensor's mean squared replayed step of the round, averaged
-            over tensors weighted by their size: the squared distance of a guess from its replayed value in
-            steps of the optimizer (see :func:`step_relative_errors`).
+            (and counted buffer, times its weight) ``‖θ′ − θ‖²`` over the tensor's mean squared replayed step of
+            the round, the largest over tensors: the squared distance of a guess from its replayed value in steps
+            of the optimizer (see :func:`step_relative_errors`).
         max_threshold: upper bound of the adapted threshold (``None``: none).
         init: how new slots are guessed: ``"copy"`` the last replayed state, or ``"extrapolate"`` by
             continuing the replay with the latest gradient.
@@ -637,7 +634,7 @@ class PicardWindow:
             step = torch.full((len(self.flat.numels),), math.nan, dtype=torch.float64, device=device)
         else:
             step = segment_squares(flat - previous.values, self.flat.numels)
-        weights = [float(n) for n in self.flat.numels]
+        weights = [1.0 if n else 0.0 for n in self.flat.numels]
         if self.buffers is not None and self.buffers.weights:
             buffer_errors = self.buffers.squared_differences(target.buffers, maps)
             buffer_steps = self.buffers.squared_differences(previous.buffers)
@@ -651,7 +648,7 @@ class PicardWindow:
                     else torch.stack(step_terms),
                 ]
             )
-            weights += [self.buffers.weights[name] * numel for name, _, numel in buffer_errors]
+            weights += [self.buffers.weights[name] if numel else 0.0 for name, _, numel in buffer_errors]
         return error, step, weights
 
     def _step_errors(
