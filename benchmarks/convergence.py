@@ -38,54 +38,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning_picard as lp  # noqa: E402
-from benchmarks.convergence_cases import Case, cases, fidelity_ratio  # noqa: E402
+import lightning_picard as lp
+from benchmarks.convergence_cases import Case, cases, fidelity_ratio
 
 POLICIES: dict[str, dict[str, object]] = {
     "defaults": {},
-    "exact": {"threshold": 0.0, "error_units": "absolute"},
-    # the paper's rule: ‖Δθ‖²/D, e₀ = 5e-6 (DreamPropeller's configs), EMA 0.9 of the median
-    "paper": {"threshold": 5e-6, "ema_decay": 0.9, "error_units": "absolute", "init": "copy"},
-    "paper-capped": {
-        "threshold": 5e-6,
-        "ema_decay": 0.9,
-        "error_units": "absolute",
-        "init": "copy",
-        "max_threshold": 5e-6,
-    },
-    "absolute-1e-12": {"threshold": 1e-12, "ema_decay": 1.0, "error_units": "absolute", "init": "copy"},
-    # errors in optimizer steps (squared), fixed tolerance
-    "step-4": {"threshold": 4.0, "ema_decay": 1.0, "error_units": "step", "init": "copy"},
-    "step-4-x": {"threshold": 4.0, "ema_decay": 1.0, "error_units": "step", "init": "extrapolate"},
-    "step-16": {"threshold": 16.0, "ema_decay": 1.0, "error_units": "step", "init": "copy"},
-    "step-1": {"threshold": 1.0, "ema_decay": 1.0, "error_units": "step", "init": "copy"},
-    "step-0.1": {"threshold": 0.1, "ema_decay": 1.0, "error_units": "step", "init": "copy"},
-    "step-0.01": {"threshold": 0.01, "ema_decay": 1.0, "error_units": "step", "init": "copy"},
-    "step-1-x": {"threshold": 1.0, "ema_decay": 1.0, "error_units": "step", "init": "extrapolate"},
-    "step-0.1-x": {"threshold": 0.1, "ema_decay": 1.0, "error_units": "step", "init": "extrapolate"},
-    "step-0.01-x": {"threshold": 0.01, "ema_decay": 1.0, "error_units": "step", "init": "extrapolate"},
-    # errors in steps, the paper's EMA under a cap at the tolerance
-    "step-ema-1": {
-        "threshold": 1.0,
-        "ema_decay": 0.9,
-        "error_units": "step",
-        "init": "copy",
-        "max_threshold": 1.0,
-    },
-    "step-ema-0.1": {
-        "threshold": 0.1,
-        "ema_decay": 0.9,
-        "error_units": "step",
-        "init": "copy",
-        "max_threshold": 0.1,
-    },
-    "step-ema-0.1-x": {
-        "threshold": 0.1,
-        "ema_decay": 0.9,
-        "error_units": "step",
-        "init": "extrapolate",
-        "max_threshold": 0.1,
-    },
+    "exact": {"tolerance": 0.0},
+    # the paper's rule: ‖Δθ‖²/D, e₀ = 5e-6 (DreamPropeller's configs), e ← 0.9·e + 0.1·median(errors)
+    "paper": {"threshold": 5e-6, "ema_decay": 0.9, "init": "copy"},
+    "paper-capped": {"threshold": 5e-6, "ema_decay": 0.9, "init": "copy", "max_threshold": 5e-6},
+    "absolute-1e-12": {"threshold": 1e-12, "ema_decay": 1.0, "init": "copy"},
+    # errors in squared optimizer steps, fixed tolerance; "-x": init="extrapolate"
+    "step-0.01": {"tolerance": 0.01, "init": "copy"},
+    "step-0.1": {"tolerance": 0.1, "init": "copy"},
+    "step-1": {"tolerance": 1.0, "init": "copy"},
+    "step-4": {"tolerance": 4.0, "init": "copy"},
+    "step-16": {"tolerance": 16.0, "init": "copy"},
+    "step-0.1-x": {"tolerance": 0.1, "init": "extrapolate"},
+    "step-1-x": {"tolerance": 1.0, "init": "extrapolate"},
+    "step-4-x": {"tolerance": 4.0, "init": "extrapolate"},
+    # errors in squared steps, the paper's EMA, capped at the tolerance
+    "step-ema-1": {"tolerance": 1.0, "ema_decay": 0.9, "init": "copy", "max_threshold": 1.0},
+    "step-ema-1-x": {"tolerance": 1.0, "ema_decay": 0.9, "init": "extrapolate", "max_threshold": 1.0},
 }
 
 

@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning_picard as lp  # noqa: E402
-from tests.toy import quiet_trainer_kwargs  # noqa: E402
-from tests.toy_resizing import step_data  # noqa: E402
+import lightning_picard as lp
+from tests.toy import quiet_trainer_kwargs
+from tests.toy_resizing import step_data
 
 
 class MiniVSD(pl.LightningModule):

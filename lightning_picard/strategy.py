@@ -26,14 +26,7 @@ from lightning_picard.hooks import (
     picard_step_outputs,
 )
 from lightning_picard.loop import check_trainer_supported, install_picard_loop
-from lightning_picard.picard import (
-    AGGREGATES,
-    ERROR_UNITS,
-    INITIALIZERS,
-    FlatParameters,
-    OptimizerSnapshot,
-    PicardWindow,
-)
+from lightning_picard.picard import AGGREGATES, INITIALIZERS, FlatParameters, OptimizerSnapshot, PicardWindow
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -63,25 +56,39 @@ class PicardStrategy(DDPStrategy):
     every rank replays the user's optimizer from the anchor and slides the window past the steps whose
     guesses were within the threshold. There is no coordinator rank and no parameter broadcast after setup.
 
-    With ``threshold=0`` the final parameters equal sequential training (with the :class:`StepSeed`
-    callback) bit for bit; with a small positive threshold, fewer rounds than steps are needed.
+    With ``tolerance=0`` (or ``threshold=0``) the final parameters equal sequential training (with the
+    :class:`StepSeed` callback) bit for bit; with a positive tolerance, fewer rounds than steps are needed.
+
+    How close a guess must be (the convergence policy; docs/algorithm.md explains the choice): by default a guess
+    is accepted when, for every parameter tensor (and counted Picard buffer), its squared distance from the
+    replayed value is at most ``tolerance`` times the tensor's mean squared optimizer step in the round. The
+    paper's rule, ``‖θ′ − θ‖²/D`` against an adapted ``threshold``, is selected by passing ``threshold``.
 
     Args:
         window_size: slots per round P; ``None`` means one slot per rank. May exceed the world size
-            (several slots per rank).
-        threshold: initial error threshold on ``‖θ' − θ‖² / D``. ``0`` disables adaptation and gives the
-            sequential result exactly.
-        ema_decay: γ of the adaptive threshold ``e ← γ·e + (1 − γ)·M(errors)``, in ``[0, 1)``.
-        aggregate: ``M``: ``"median"`` (a true median) or ``"mean"``.
+            (several slots per rank). Default is ``None``.
+        threshold: the paper's convergence rule: the initial threshold on ``‖θ′ − θ‖² / D`` (DreamPropeller's
+            configs say 5e-6), adapted every round with ``ema_decay`` (0.9 unless given). ``0`` gives the
+            sequential result exactly. Default is ``None`` (use ``tolerance``); pass either, not both.
+        ema_decay: γ of the threshold update ``e ← γ·e + (1 − γ)·M(errors)``, in ``[0, 1]``; ``1`` keeps the
+            threshold fixed. No update follows a round whose guesses were all copies of the anchor (the first
+            round). Default is ``None``: 1 (fixed) with ``tolerance``, 0.9 (the paper's) with ``threshold``.
+        aggregate: ``M``: ``"median"`` (a true median) or ``"mean"``. Default is ``"median"``.
         init: guess for new slots: ``"copy"`` the last replayed state, or ``"extrapolate"`` by continuing the
-            replay with the latest gradient.
-        seed: base of the per-step seeds: step ``s`` runs with ``seed + s``.
+            replay with the latest gradient. Default is ``"copy"``.
+        seed: base of the per-step seeds: step ``s`` runs with ``seed + s``. Default is ``0``.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, start_method: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
             The backend defaults to NCCL on GPUs and gloo on CPU.
         timeout: how long a collective waits for a rank that stopped answering (5 minutes by default; raise it
             if ranks may spend longer apart, e.g. one rank building a prompt cache while others wait).
             An exception on any rank stops every rank at the next gather regardless of this timeout.
+        tolerance: the convergence rule in units of the optimizer's steps: a guess is accepted when every
+            tensor's ``‖θ′ − θ‖²`` is at most ``tolerance`` times that tensor's mean ``‖step‖²`` of the round
+            (``1``: within one step, ``0.25``: within half a step). ``0`` gives the sequential result exactly.
+            Default is ``None``: 1.0 unless ``threshold`` is given.
+        max_threshold: upper bound of the adapted threshold, in the units of the rule in use. Default is
+            ``None`` (no bound).
     """
 
     strategy_name = "picard"
@@ -89,8 +96,8 @@ class PicardStrategy(DDPStrategy):
     def __init__(
         self,
         window_size: int | None = None,
-        threshold: float = 5e-6,
-        ema_decay: float = 0.9,
+        threshold: float | None = None,
+        ema_decay: float | None = None,
         aggregate: Literal["median", "mean"] = "median",
         init: Literal["copy", "extrapolate"] = "copy",
         seed: int = 0,
@@ -102,11 +109,13 @@ class PicardStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
-        error_units: Literal["step", "absolute"] = "absolute",
+        tolerance: float | None = None,
         max_threshold: float | None = None,
     ) -> None:
+        error_units, threshold, ema_decay = _convergence_policy(
+            threshold, tolerance, ema_decay, max_threshold
+        )
         _validate_arguments(window_size, threshold, ema_decay, aggregate, init, seed)
-        _validate_policy(threshold, error_units, max_threshold)
         if timeout is not None and not (isinstance(timeout, timedelta) and timeout.total_seconds() > 0):
             raise ValueError(f"timeout must be a positive datetime.timedelta or None, got {timeout!r}.")
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
@@ -134,7 +143,7 @@ class PicardStrategy(DDPStrategy):
         self.aggregate = aggregate
         self.init = init
         self.seed = int(seed)
-        self.error_units = error_units
+        self.error_units: Literal["step", "absolute"] = error_units  # type: ignore[assignment]
         self.max_threshold = None if max_threshold is None else float(max_threshold)
         self.window: PicardWindow | None = None
         self.flat: FlatParameters | None = None
@@ -195,12 +204,13 @@ class PicardStrategy(DDPStrategy):
         self.snapshot = OptimizerSnapshot(trainer.optimizers[0], schedulers)
         install_picard_loop(trainer)
         log.info(
-            "Picard: %d slots over %d rank(s), %d parameters, threshold %.3g (%s), ema_decay %.3g, init=%s",
+            "Picard: %d slots over %d rank(s), %d parameters, threshold %.3g (%s, %s), ema_decay %.3g, init=%s",
             self.window_size,
             self.world_size,
             self.flat.numel,
             self.threshold,
-            "adaptive" if self.threshold > 0 else "exact",
+            "squared steps" if self.error_units == "step" else "‖Δθ‖²/D",
+            "exact" if self.threshold == 0 else "fixed" if self.ema_decay == 1 else "adaptive",
             self.ema_decay,
             self.init,
         )
@@ -386,16 +396,37 @@ def _validate_arguments(
         raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
 
 
-def _validate_policy(threshold: float, error_units: str, max_threshold: float | None) -> None:
-    if error_units not in ERROR_UNITS:
+DEFAULT_TOLERANCE = 1.0
+"""The default ``tolerance``: a guess is accepted when it is within one optimizer step of its replayed value."""
+
+
+def _convergence_policy(
+    threshold: float | None, tolerance: float | None, ema_decay: float | None, max_threshold: float | None
+) -> tuple[str, float, float]:
+    """``(error units, initial threshold, ema_decay)`` from the arguments: ``tolerance`` (in squared optimizer
+    steps, fixed by default) or the paper's ``threshold`` (‖Δθ‖²/D, adapted with γ = 0.9 by default)."""
+    if threshold is not None and tolerance is not None:
         raise ValueError(
-            f"error_units must be one of {ERROR_UNITS}, got {error_units!r}: 'step' measures a guess's distance "
-            "in optimizer steps, 'absolute' is the paper's ‖Δθ‖²/D."
+            f"Pass either tolerance ({tolerance}, in squared optimizer steps) or threshold ({threshold}, the paper's "
+            "‖Δθ‖²/D), not both."
         )
-    if max_threshold is not None and not (isinstance(max_threshold, (int, float)) and max_threshold >= 0):
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+        raise ValueError(
+            f"tolerance must be a number >= 0, got {tolerance!r}. Use 0 for exact sequential results; "
+            f"{DEFAULT_TOLERANCE} (the default) accepts a guess within one optimizer step of its replayed value."
+        )
+    if max_threshold is not None and not (
+        isinstance(max_threshold, (int, float)) and not isinstance(max_threshold, bool) and max_threshold >= 0
+    ):
         raise ValueError(f"max_threshold must be None or a number >= 0, got {max_threshold!r}.")
-    if max_threshold is not None and threshold > max_threshold:
+    if threshold is not None:
+        units, value, decay = "absolute", threshold, 0.9 if ema_decay is None else ema_decay
+    else:
+        value = DEFAULT_TOLERANCE if tolerance is None else tolerance
+        units, decay = "step", 1.0 if ema_decay is None else ema_decay
+    if max_threshold is not None and isinstance(value, (int, float)) and value > max_threshold:
         raise ValueError(
-            f"threshold ({threshold}) is above max_threshold ({max_threshold}); the threshold starts at "
-            "`threshold` and adapts up to `max_threshold`. Raise max_threshold or lower threshold."
+            f"The initial threshold ({value}) is above max_threshold ({max_threshold}): the threshold starts there "
+            "and adapts up to max_threshold. Raise max_threshold or lower the tolerance/threshold."
         )
+    return units, value, decay
