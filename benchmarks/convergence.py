@@ -51,6 +51,8 @@ POLICIES: dict[str, dict[str, object]] = {
     # errors in squared optimizer steps, fixed tolerance; "-x": init="extrapolate"
     "step-0.01": {"tolerance": 0.01, "init": "copy"},
     "step-0.1": {"tolerance": 0.1, "init": "copy"},
+    "step-0.25": {"tolerance": 0.25, "init": "copy"},
+    "step-0.5": {"tolerance": 0.5, "init": "copy"},
     "step-1": {"tolerance": 1.0, "init": "copy"},
     "step-4": {"tolerance": 4.0, "init": "copy"},
     "step-16": {"tolerance": 16.0, "init": "copy"},
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{'case':<16} {'policy':<15} {'P':>3} {'rounds':>6} {'T/rounds':>8} {'evals/T':>7} {'fidelity':>9} "
         f"{'seq q':>8} {'picard q':>8} {'final e':>9} {'s':>6}"
     )
-    print(header)
+    print(header, flush=True)
     for name in args.cases:
         case = all_cases[name]
         if args.steps:
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{name:<16} {'sequential':<15} {'':>3} {case.steps:>6d} {1.0:>8.2f} {1.0:>7.2f} "
             f"{'(' + format(spread, '.2e') + ')':>9} {reference['quality']:>8.4g} {other['quality']:>8.4g} "
             f"{'':>9} {reference['seconds']:>6.1f}   ({case.quality_name}; fidelity column: seed spread, "
-            "seed-1 quality in the last q column)"
+            "seed-1 quality in the last q column)",
+            flush=True,
         )
         for policy in args.policies:
             for window in args.windows:

@@ -109,7 +109,7 @@ def test_the_threshold_does_not_adapt_from_the_cold_first_round_and_stays_under_
 
 def test_tolerance_and_threshold_select_the_rule():
     default = lp.PicardStrategy()
-    assert (default.error_units, default.threshold, default.ema_decay) == ("step", 1.0, 1.0)
+    assert (default.error_units, default.threshold, default.ema_decay) == ("step", 0.1, 1.0)
     paper = lp.PicardStrategy(threshold=5e-6)
     assert (paper.error_units, paper.threshold, paper.ema_decay) == ("absolute", 5e-6, 0.9)
     custom = lp.PicardStrategy(tolerance=0.25, ema_decay=0.9, max_threshold=0.5)
