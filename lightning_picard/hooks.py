@@ -51,6 +51,7 @@ All hooks are optional; a module that defines none is trained as one fixed vecto
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -170,25 +171,26 @@ def run_after_optimizer_step(
     return report or None
 
 
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+"""Attributes every ``nn.Module`` has (hook dicts, ``_buffers``, ``training``…): skipped when looking for tensors."""
+
+
 def undeclared_tensor_versions(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, int | None]]:
     """``{name: (tensor, version counter)}`` of the module's tensors that are not Picard state.
 
-    Covered: registered buffers and plain tensor attributes of every submodule, except the Picard buffers and
-    step outputs; parameters are Picard state or rank-local and are not covered. Tensors created in inference
-    mode have no version counter: only their identity is compared.
+    Covered: registered buffers and plain tensor attributes of the module and of every submodule that had any when
+    first looked at (the list of submodules is kept for the module's lifetime, so that a frozen guidance network of
+    a thousand layers costs nothing per step), except the Picard buffers and step outputs; parameters are Picard
+    state or rank-local and are not covered. Tensors created in inference mode have no version counter: only their
+    identity is compared.
     """
     declared = set(picard_buffers(module)) | set(picard_step_outputs(module))
     versions: dict[str, tuple[torch.Tensor, int | None]] = {}
-    for prefix, sub in module.named_modules():
+    for prefix, sub in _holders(module):
         dot = f"{prefix}." if prefix else ""
-        candidates = [*sub._buffers.items()] + [
-            (key, value)
-            for key, value in vars(sub).items()
-            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
-        ]
-        for key, value in candidates:
+        for key, value in _tensors_of(sub):
             name = dot + key
-            if value is None or name in declared:
+            if name in declared:
                 continue
             try:
                 version: int | None = value._version
@@ -196,6 +198,34 @@ def undeclared_tensor_versions(module: torch.nn.Module) -> dict[str, tuple[torch
                 version = None
             versions[name] = (value, version)
     return versions
+
+
+_HOLDERS: weakref.WeakKeyDictionary[torch.nn.Module, list[tuple[str, torch.nn.Module]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _holders(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The module itself and its submodules that hold buffers or tensor attributes, found once per module."""
+    holders = _HOLDERS.get(module)
+    if holders is None:
+        holders = [
+            (p, sub)
+            for p, sub in module.named_modules()
+            if sub is module or any(True for _ in _tensors_of(sub))
+        ]
+        _HOLDERS[module] = holders
+    return holders
+
+
+def _tensors_of(sub: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    attributes = vars(sub)
+    tensors = [(key, value) for key, value in sub._buffers.items() if value is not None]
+    for key in attributes.keys() - _MODULE_INTERNALS:
+        value = attributes[key]
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            tensors.append((key, value))
+    return tensors
 
 
 def changed_tensors(
