@@ -277,7 +277,7 @@ def segment_squares(values: torch.Tensor, numels: Sequence[int]) -> torch.Tensor
         if foreach_norm is not None
         else [torch.linalg.vector_norm(v) for v in segments]
     )
-    return torch.stack([n.to(torch.float64) for n in norms]).square()
+    return torch.stack(list(norms)).to(torch.float64).square()
 
 
 def step_relative_errors(
@@ -633,7 +633,10 @@ class PicardWindow:
         if resized or previous.layout != self.flat.layout:
             step = torch.full((len(self.flat.numels),), math.nan, dtype=torch.float64, device=device)
         else:
-            step = segment_squares(flat - previous.values, self.flat.numels)
+            if self._scratch.values.shape != flat.shape:
+                self._scratch.values = torch.empty_like(flat)
+            torch.sub(flat, previous.values, out=self._scratch.values)  # its θ′ − guess is read above
+            step = segment_squares(self._scratch.values, self.flat.numels)
         weights = [1.0 if n else 0.0 for n in self.flat.numels]
         if self.buffers is not None and self.buffers.weights:
             buffer_errors = self.buffers.squared_differences(target.buffers, maps)

@@ -170,3 +170,22 @@ def test_buffer_weights_scale_their_share_of_the_absolute_error():
     for bad in (-1.0, math.nan, "yes"):
         with pytest.raises(ValueError, match="finite weight >= 0"):
             picard_buffers(_Weighted({"count": bad}))
+
+
+def test_step_units_through_resizes_and_counted_buffers():
+    from tests.toy_resizing import GrowingBumps, assert_same_state, step_data
+
+    def fit(strategy=None):
+        module = GrowingBumps()
+        callbacks = [] if strategy is not None else [lp.StepSeed(0)]
+        kwargs = quiet_trainer_kwargs(devices=1, max_steps=15, callbacks=callbacks)
+        trainer = pl.Trainer(**kwargs) if strategy is None else pl.Trainer(strategy=strategy, **kwargs)
+        trainer.fit(module, step_data())
+        return module, trainer
+
+    sequential, _ = fit()
+    exact, _ = fit(lp.PicardStrategy(window_size=3, tolerance=0))
+    assert_same_state(exact, sequential)
+    loose, trainer = fit(lp.PicardStrategy(window_size=4, tolerance=16.0))
+    assert loose.resizes and trainer.callback_metrics["picard/rounds"].item() < 15
+    assert math.isfinite(trainer.callback_metrics["picard/threshold"].item())
