@@ -31,6 +31,10 @@ All hooks are optional; a module that defines none is trained as one fixed vecto
     - update step-dependent buffers (occupancy grids every k steps, progressive masks, densification
       statistics) declared by ``picard_buffers``.
 
+    It must not change other state: a buffer or tensor attribute it modifies in place, replaces, adds or removes
+    without declaring it raises an error naming it (under Picard the change would happen only in the replay, so
+    guesses and slot evaluations would never see it).
+
 ``picard_step_outputs() -> Iterable[str]``
     Module buffers that ``training_step`` (or a backward hook) writes for the step hook of the *same* step to
     read: per-step data that is not a parameter gradient, such as 3D Gaussians' screen-space gradient norms and
