@@ -21,12 +21,12 @@ class ModuleBuffers:
 
     Args:
         module: the module owning the buffers.
-        in_error: buffer name → whether its difference counts in the Picard error.
+        in_error: buffer name → its weight in the Picard error (``True`` is 1, ``False`` or 0 leaves it out).
         outputs: names of the step outputs (carried like buffers, never in the error, and gathered per slot).
     """
 
     def __init__(
-        self, module: torch.nn.Module, in_error: Mapping[str, bool], outputs: Sequence[str] = ()
+        self, module: torch.nn.Module, in_error: Mapping[str, bool | float], outputs: Sequence[str] = ()
     ) -> None:
         self.module = module
         self.outputs = list(outputs)
@@ -38,6 +38,8 @@ class ModuleBuffers:
                 "over. Name each buffer in one of them."
             )
         self.in_error = {**dict(in_error), **dict.fromkeys(self.outputs, False)}
+        self.weights = {name: float(weight) for name, weight in self.in_error.items() if float(weight) > 0}
+        """The counted buffers and their weights in the error."""
         for name in self.in_error:
             hook = "picard_step_outputs()" if name in self.outputs else "picard_buffers()"
             try:
@@ -75,26 +77,35 @@ class ModuleBuffers:
 
     def squared_difference(
         self, other: Mapping[str, torch.Tensor], maps: Mapping[str, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor | None, int]:
-        """‖current − other‖² over the buffers counted in the error (float64 on the device) and their size.
+    ) -> tuple[torch.Tensor | None, float]:
+        """Σ weight·‖current − other‖² over the counted buffers (float64 on the device) and Σ weight·numel.
 
         ``maps`` gives, for resized buffers, the row of ``other`` standing for each current row (``unproj``).
         """
-        total, numel = None, 0
-        for name, counted in self.in_error.items():
-            if not counted:
-                continue
+        total, size = None, 0.0
+        for name, term, numel in self.squared_differences(other, maps):
+            weight = self.weights[name]
+            term = term if weight == 1.0 else weight * term
+            total = term if total is None else total + term
+            size += weight * numel
+        return total, size
+
+    def squared_differences(
+        self, other: Mapping[str, torch.Tensor], maps: Mapping[str, torch.Tensor] | None = None
+    ) -> list[tuple[str, torch.Tensor, int]]:
+        """``(name, ‖current − other‖², numel)`` of every counted buffer, unweighted (NaN where shapes differ)."""
+        out = []
+        for name in self.weights:
             current = self.module.get_buffer(name)
             theirs = other[name]
             if maps is not None and name in maps:
                 theirs = unproject(theirs.to(torch.float64), maps[name], missing=math.nan)
-            numel += current.numel()
             if current.shape != theirs.shape:
                 term = torch.tensor(float("nan"), dtype=torch.float64, device=current.device)
             else:
                 term = (current.to(torch.float64) - theirs.to(torch.float64)).square().sum()
-            total = term if total is None else total + term
-        return total, numel
+            out.append((name, term, current.numel()))
+        return out
 
     def outputs_numel(self, values: Mapping[str, torch.Tensor]) -> int:
         """Number of step-output values in a row's buffers (what a gathered row holds after the gradients)."""

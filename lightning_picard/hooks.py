@@ -31,6 +31,10 @@ All hooks are optional; a module that defines none is trained as one fixed vecto
     - update step-dependent buffers (occupancy grids every k steps, progressive masks, densification
       statistics) declared by ``picard_buffers``.
 
+    It must not change other state: a buffer or tensor attribute it modifies in place, replaces, adds or removes
+    without declaring it raises an error naming it (under Picard the change would happen only in the replay, so
+    guesses and slot evaluations would never see it).
+
 ``picard_step_outputs() -> Iterable[str]``
     Module buffers that ``training_step`` (or a backward hook) writes for the step hook of the *same* step to
     read: per-step data that is not a parameter gradient, such as 3D Gaussians' screen-space gradient norms and
@@ -38,15 +42,20 @@ All hooks are optional; a module that defines none is trained as one fixed vecto
     is replayed (mapped like gradients when the slot was evaluated on other rows; report them in resizes like
     any per-row buffer). They travel in the gradient rows, in the parameters' dtype.
 
-``picard_buffers() -> Mapping[str, bool]``
+``picard_buffers() -> Mapping[str, bool | float]``
     Module buffers (full dotted names, as in ``named_buffers``) that are Picard state: each guess carries its
     own copy, slot evaluations see the guess's buffers, and the replay restarts from the anchor's. The value
     says whether the buffer's difference counts in the Picard error (as ``‖Δ‖²`` over its elements, next to
-    the parameters'); buffers that are functions of the parameters and the step need not count.
+    the parameters'), or with what weight (a float ≥ 0; ``True`` is 1); buffers that are functions of the
+    parameters and the step need not count. With ``error_units="step"`` each counted buffer is measured
+    against its own change per step, so counts and statistics in other units than the parameters do not
+    dominate the error.
 """
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -85,8 +94,8 @@ def picard_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for _, p in picard_named_parameters(module)]
 
 
-def picard_buffers(module: torch.nn.Module) -> dict[str, bool]:
-    """The module's ``picard_buffers()`` as ``{name: counted in the error}``, or ``{}``."""
+def picard_buffers(module: torch.nn.Module) -> dict[str, bool | float]:
+    """The module's ``picard_buffers()`` as ``{name: weight in the error}`` (a bool or a weight ≥ 0), or ``{}``."""
     declare = getattr(module, "picard_buffers", None)
     if declare is None:
         return {}
@@ -96,7 +105,18 @@ def picard_buffers(module: torch.nn.Module) -> dict[str, bool]:
             f"picard_buffers() must return a mapping {{buffer name: counted in the error}}, got "
             f"{type(declared).__name__}. Example: return {{'occupancy': False, 'grad_sum': True}}."
         )
-    return {str(name): bool(counted) for name, counted in declared.items()}
+    weights: dict[str, bool | float] = {}
+    for name, weight in declared.items():
+        if isinstance(weight, bool):
+            weights[str(name)] = weight
+        elif isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0:
+            weights[str(name)] = float(weight)
+        else:
+            raise ValueError(
+                f"picard_buffers() gives {name!r} the weight {weight!r}; use True/False or a finite weight >= 0 "
+                "(its share of the Picard error, 1 = like a parameter)."
+            )
+    return weights
 
 
 def picard_step_outputs(module: torch.nn.Module) -> list[str]:
@@ -133,8 +153,18 @@ def run_after_optimizer_step(
     if hook is None:
         return None
     before = state_shapes(module) if validate else None
+    undeclared = undeclared_tensor_versions(module)
     with rng.step_rng(seed, step, stream=HOOK_STREAM):
         report = hook(step)
+    changed = changed_tensors(undeclared, undeclared_tensor_versions(module))
+    if changed:
+        raise RuntimeError(
+            f"picard_after_optimizer_step(step={step}) changed {changed}, which are not Picard state: under Picard "
+            "the hook runs only in the replay, so the guesses and the slot evaluations would not see the change "
+            "and the run would silently differ from the sequential one. Declare them in picard_buffers() (as "
+            "registered buffers), or picard_step_outputs() if training_step writes them, or leave them unchanged "
+            "in the hook."
+        )
     if report is not None and not isinstance(report, Mapping):
         raise TypeError(
             f"picard_after_optimizer_step(step={step}) must return None or {{name: parents}}, got "
@@ -143,3 +173,74 @@ def run_after_optimizer_step(
     if before is not None:
         resize_event(report, step, before, state_shapes(module))
     return report or None
+
+
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+"""Attributes every ``nn.Module`` has (hook dicts, ``_buffers``, ``training``…): skipped when looking for tensors."""
+
+
+def undeclared_tensor_versions(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """``{name: (tensor, version counter)}`` of the module's tensors that are not Picard state.
+
+    Covered: registered buffers and plain tensor attributes of the module and of every submodule that had any when
+    first looked at (the list of submodules is kept for the module's lifetime, so that a frozen guidance network of
+    a thousand layers costs nothing per step), except the Picard buffers and step outputs; parameters are Picard
+    state or rank-local and are not covered. Tensors created in inference mode have no version counter: only their
+    identity is compared.
+    """
+    declared = set(picard_buffers(module)) | set(picard_step_outputs(module))
+    versions: dict[str, tuple[torch.Tensor, int | None]] = {}
+    for prefix, sub in _holders(module):
+        dot = f"{prefix}." if prefix else ""
+        for key, value in _tensors_of(sub):
+            name = dot + key
+            if name in declared:
+                continue
+            try:
+                version: int | None = value._version
+            except RuntimeError:  # an inference tensor
+                version = None
+            versions[name] = (value, version)
+    return versions
+
+
+_HOLDERS: weakref.WeakKeyDictionary[torch.nn.Module, list[tuple[str, torch.nn.Module]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _holders(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The module itself and its submodules that hold buffers or tensor attributes, found once per module."""
+    holders = _HOLDERS.get(module)
+    if holders is None:
+        holders = [
+            (p, sub)
+            for p, sub in module.named_modules()
+            if sub is module or any(True for _ in _tensors_of(sub))
+        ]
+        _HOLDERS[module] = holders
+    return holders
+
+
+def _tensors_of(sub: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    attributes = vars(sub)
+    tensors = [(key, value) for key, value in sub._buffers.items() if value is not None]
+    for key in attributes.keys() - _MODULE_INTERNALS:
+        value = attributes[key]
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            tensors.append((key, value))
+    return tensors
+
+
+def changed_tensors(
+    before: Mapping[str, tuple[torch.Tensor, int | None]],
+    after: Mapping[str, tuple[torch.Tensor, int | None]],
+) -> list[str]:
+    """Names whose tensor was modified in place, replaced, added or removed between two
+    :func:`undeclared_tensor_versions` readings."""
+    changed = []
+    for name in before.keys() | after.keys():
+        old, new = before.get(name), after.get(name)
+        if old is None or new is None or old[0] is not new[0] or old[1] != new[1]:
+            changed.append(name)
+    return sorted(changed)

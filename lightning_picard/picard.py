@@ -26,8 +26,10 @@ from lightning_picard.resize import Lineage, ResizeEvent, rebase, resize_event, 
 
 Aggregate = Literal["median", "mean"]
 Initializer = Literal["copy", "extrapolate"]
+ErrorUnits = Literal["step", "absolute"]
 AGGREGATES: tuple[str, ...] = ("median", "mean")
 INITIALIZERS: tuple[str, ...] = ("copy", "extrapolate")
+ERROR_UNITS: tuple[str, ...] = ("step", "absolute")
 
 
 Layout = tuple[torch.Size, ...]
@@ -266,6 +268,40 @@ def squared_norm(difference: torch.Tensor) -> torch.Tensor:
     return torch.maximum(norm, floor)
 
 
+def segment_squares(values: torch.Tensor, numels: Sequence[int]) -> torch.Tensor:
+    """‖segment‖² of consecutive segments of ``values`` (lengths ``numels``), float64 ``[len(numels)]``."""
+    segments = list(values.split(list(numels)))
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    norms = (
+        foreach_norm(segments)
+        if foreach_norm is not None
+        else [torch.linalg.vector_norm(v) for v in segments]
+    )
+    return torch.stack(list(norms)).to(torch.float64).square()
+
+
+def step_relative_errors(
+    errors: torch.Tensor, steps: torch.Tensor, weights: torch.Tensor, fallback: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Errors in units of the round's step length: the largest over tensors, and the step scale used.
+
+    ``errors[j, k]`` is ‖θ′ − θ‖² of tensor k at slot j, ``steps[j, k]`` the ‖θ′_{τ+j+1} − θ′_{τ+j}‖² of the
+    replayed step into that slot (NaN where a resize made it incomparable), ``weights[k]`` the tensor's weight
+    (1 for a parameter, a buffer's weight, 0 to leave a tensor out). The scale of tensor k is its mean squared
+    step over the round (``fallback`` where no step of the round was comparable); the error of slot j is the
+    largest weighted ``errors[j, k] / scale[k]``: every tensor's guess is within the threshold of its own step.
+    A tensor whose guess is off while it did not move makes the slot infinitely far; a NaN error stays NaN.
+    """
+    comparable = ~torch.isnan(steps)
+    counted = comparable.sum(0)
+    scale = torch.where(comparable, steps, torch.zeros_like(steps)).sum(0) / counted.clamp(min=1)
+    missing = fallback if fallback is not None else torch.full_like(scale, math.nan)
+    scale = torch.where(counted > 0, scale, missing)
+    ratio = torch.where(errors == 0, torch.zeros_like(errors), errors / scale)  # 0/0: exact and did not move
+    ratio = torch.where(weights > 0, ratio * weights, torch.zeros_like(ratio))
+    return ratio.amax(dim=1), scale
+
+
 def first_unconverged(errors: Sequence[float], threshold: float) -> int:
     """The slide length: 1 + the number of leading errors within ``threshold`` (at most ``len(errors)``).
 
@@ -352,8 +388,15 @@ class PicardWindow:
         flat: the module's parameters, re-seated as one flat buffer.
         window_size: number of slots P evaluated per round.
         threshold: initial error threshold; ``0`` disables adaptation and reproduces sequential training.
-        ema_decay: γ in ``e ← γ·e + (1 − γ)·M(errors)``.
+        ema_decay: γ in ``e ← γ·e + (1 − γ)·M(errors)``; ``1`` keeps the threshold fixed. The threshold does
+            not adapt from a round whose guesses were all copies of the anchor (the first round, a re-initialised
+            window): their errors measure how far the parameters move, not how good a guess is.
         aggregate: ``M``, a true ``"median"`` or the ``"mean"`` of the round's errors.
+        error_units: ``"absolute"``: ``err_j = ‖θ′ − θ‖² / D`` (the paper's). ``"step"``: per parameter tensor
+            (and counted buffer, times its weight) ``‖θ′ − θ‖²`` over the tensor's mean squared replayed step of
+            the round, the largest over tensors: the squared distance of a guess from its replayed value in steps
+            of the optimizer (see :func:`step_relative_errors`).
+        max_threshold: upper bound of the adapted threshold (``None``: none).
         init: how new slots are guessed: ``"copy"`` the last replayed state, or ``"extrapolate"`` by
             continuing the replay with the latest gradient.
         buffers: module buffers that are Picard state (carried with every row), if any.
@@ -371,12 +414,18 @@ class PicardWindow:
         init: Initializer = "copy",
         buffers: ModuleBuffers | None = None,
         resizable: bool = True,
+        error_units: ErrorUnits = "absolute",
+        max_threshold: float | None = None,
     ) -> None:
         self.flat = flat
         self.resizable = resizable
         self.window_size = window_size
         self.threshold = float(threshold)
         self.ema_decay = float(ema_decay)
+        self.error_units: ErrorUnits = error_units
+        self.max_threshold = max_threshold
+        self._cold = True  # every guess is a copy of the anchor
+        self._step_scale: torch.Tensor | None = None
         self.aggregate: Aggregate = aggregate
         self.init: Initializer = init
         self.buffers = buffers
@@ -458,6 +507,7 @@ class PicardWindow:
         for row in self._rows:
             self._record(row, ())
         self._start = 0
+        self._cold = True
 
     def run_round(
         self,
@@ -498,6 +548,10 @@ class PicardWindow:
         snapshot.capture()
         errors_device = torch.zeros(n, dtype=torch.float64, device=self.flat.flat.device)
         sizes = []
+        relative = self.error_units == "step"
+        parts: list[torch.Tensor] = []  # per slot: ‖θ′ − θ‖² of each tensor (step units only)
+        steps: list[torch.Tensor] = []  # per slot: ‖θ′_{τ+j+1} − θ′_{τ+j}‖² of each tensor
+        weights: list[list[float]] = []
 
         def replay(
             gradient_slot: int, update_slot: int, lineage: Lineage, update: UpdateFn = apply_update
@@ -517,18 +571,32 @@ class PicardWindow:
 
         lineage: Lineage = ()
         for j in range(n):
+            before = lineage
             lineage = replay(j, j, lineage)
             target = self._row(j + 1)
             errors_device[j], size = self._squared_error(target, lineage)
             sizes.append(size)
+            if relative:
+                error_parts, step_parts, part_weights = self._relative_parts(
+                    target, self._row(j), lineage, resized=lineage is not before
+                )
+                parts.append(error_parts)
+                steps.append(step_parts)
+                weights.append(part_weights)
             self._record(target, lineage)
-        errors = [e / size for e, size in zip(errors_device.tolist(), sizes)]
+        if relative:
+            errors = self._step_errors(errors_device, parts, steps, weights)
+        else:
+            errors = [e / size for e, size in zip(errors_device.tolist(), sizes)]
         threshold_used = self.threshold
         skip = first_unconverged(errors, threshold_used)
-        if self.adaptive:
+        if self.adaptive and not self._cold:
             m = aggregate_errors(errors, self.aggregate)
             if math.isfinite(m):
                 self.threshold = self.ema_decay * self.threshold + (1.0 - self.ema_decay) * m
+                if self.max_threshold is not None:
+                    self.threshold = min(self.threshold, self.max_threshold)
+        self._cold = False
 
         self._copy_row(self._row(0), self._scratch)
         self._round.anchor_in_scratch = True
@@ -549,6 +617,60 @@ class PicardWindow:
         self._round = None
         self._maps.clear()
         return RoundResult(window_start=window_start, skip=skip, errors=errors, threshold=self.threshold)
+
+    def _relative_parts(
+        self, target: _Row, previous: _Row, lineage: Lineage, resized: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """Per tensor (parameters, then counted buffers): ‖θ′ − guess‖², ‖θ′ − previous replayed state‖² (NaN
+        where this step resized the tensor) and the tensor's weight in the error."""
+        flat = self.flat.flat
+        maps = self._row_maps(target.lineage, lineage)
+        if maps is None:  # _squared_error left θ′ − guess in the scratch buffer
+            error = segment_squares(self._scratch.values, self.flat.numels)
+        else:
+            error = self._mapped_parameter_errors(target, maps)
+        device = flat.device
+        if resized or previous.layout != self.flat.layout:
+            step = torch.full((len(self.flat.numels),), math.nan, dtype=torch.float64, device=device)
+        else:
+            if self._scratch.values.shape != flat.shape:
+                self._scratch.values = torch.empty_like(flat)
+            torch.sub(flat, previous.values, out=self._scratch.values)  # its θ′ − guess is read above
+            step = segment_squares(self._scratch.values, self.flat.numels)
+        weights = [1.0 if n else 0.0 for n in self.flat.numels]
+        if self.buffers is not None and self.buffers.weights:
+            buffer_errors = self.buffers.squared_differences(target.buffers, maps)
+            buffer_steps = self.buffers.squared_differences(previous.buffers)
+            error = torch.cat([error, torch.stack([term for _, term, _ in buffer_errors])])
+            step_terms = [term for _, term, _ in buffer_steps]
+            step = torch.cat(
+                [
+                    step,
+                    torch.full_like(torch.stack(step_terms), math.nan)
+                    if resized
+                    else torch.stack(step_terms),
+                ]
+            )
+            weights += [self.buffers.weights[name] if numel else 0.0 for name, _, numel in buffer_errors]
+        return error, step, weights
+
+    def _step_errors(
+        self,
+        absolute: torch.Tensor,
+        parts: Sequence[torch.Tensor],
+        steps: Sequence[torch.Tensor],
+        weights: Sequence[Sequence[float]],
+    ) -> list[float]:
+        """The round's errors in step units (one host read); a guess that differs at all is never 0."""
+        errors = torch.stack(list(parts))
+        step = torch.stack(list(steps))
+        weight = torch.tensor(weights, dtype=torch.float64, device=errors.device)
+        fallback = self._step_scale
+        if fallback is not None and fallback.shape != step.shape[1:]:
+            fallback = None
+        relative, self._step_scale = step_relative_errors(errors, step, weight, fallback)
+        floor = (absolute > 0).to(torch.float64) * _SMALLEST_ERROR
+        return torch.maximum(relative, floor).tolist()
 
     def _row_maps(self, source: Lineage, target: Lineage) -> dict[str, torch.Tensor] | None:
         """:func:`row_maps`, memoised within a round: the error of row j + 1 and the gradient of slot j + 1 need
@@ -626,7 +748,12 @@ class PicardWindow:
         return error, size
 
     def _mapped_parameter_error(self, target: _Row, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        error = torch.zeros((), dtype=torch.float64, device=self.flat.flat.device)
+        return self._mapped_parameter_errors(target, maps).sum()
+
+    def _mapped_parameter_errors(self, target: _Row, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """‖θ′ − unproj(guess)‖² per parameter tensor (NaN for a tensor without a counterpart)."""
+        device = self.flat.flat.device
+        errors = []
         offset = 0
         for name, p, shape in zip(self.flat.names, self.flat.params, target.layout):
             guess = target.values[offset : offset + shape.numel()].view(shape)
@@ -634,9 +761,10 @@ class PicardWindow:
             if name in maps:
                 guess = unproject(guess, maps[name], missing=math.nan)
             if guess.shape != p.shape:
-                return torch.tensor(math.nan, dtype=torch.float64, device=error.device)
-            error = error + squared_norm(p.detach() - guess)
-        return error
+                errors.append(torch.tensor(math.nan, dtype=torch.float64, device=device))
+            else:
+                errors.append(squared_norm(p.detach() - guess))
+        return torch.stack(errors)
 
     def abort_round(self) -> bool:
         """After an exception inside :meth:`run_round`: put the anchor back into the parameters and optimizer.
@@ -713,6 +841,7 @@ class PicardWindow:
                 for row in rows
             ],
             "threshold": self.threshold,
+            "error_units": self.error_units,
             "rounds": self.rounds,
             "window_size": self.window_size,
         }
@@ -723,7 +852,8 @@ class PicardWindow:
         The module's parameters and buffers must already hold the checkpoint's anchor (Lightning restores the
         module first); the guesses are re-initialised from it if the checkpoint's window does not fit this run.
         """
-        self.threshold = float(state["threshold"])
+        if state.get("error_units", "absolute") == self.error_units:  # else the configured threshold stays
+            self.threshold = float(state["threshold"])
         self.rounds = int(state["rounds"])
         rows = state.get("rows")
         if rows is None and "guesses" in state:  # the format before rows could differ in size
@@ -758,4 +888,5 @@ class PicardWindow:
                 for e in saved["lineage"]
             )
         self._start = 0
+        self._cold = False
         return f"restored {self.window_size} guesses, threshold {self.threshold:.3g}, {self.rounds} rounds"

@@ -56,25 +56,39 @@ class PicardStrategy(DDPStrategy):
     every rank replays the user's optimizer from the anchor and slides the window past the steps whose
     guesses were within the threshold. There is no coordinator rank and no parameter broadcast after setup.
 
-    With ``threshold=0`` the final parameters equal sequential training (with the :class:`StepSeed`
-    callback) bit for bit; with a small positive threshold, fewer rounds than steps are needed.
+    With ``tolerance=0`` (or ``threshold=0``) the final parameters equal sequential training (with the
+    :class:`StepSeed` callback) bit for bit; with a positive tolerance, fewer rounds than steps are needed.
+
+    How close a guess must be (the convergence policy; docs/algorithm.md explains the choice): by default a guess
+    is accepted when, for every parameter tensor (and counted Picard buffer), its squared distance from the
+    replayed value is at most ``tolerance`` times the tensor's mean squared optimizer step in the round. The
+    paper's rule, ``‖θ′ − θ‖²/D`` against an adapted ``threshold``, is selected by passing ``threshold``.
 
     Args:
         window_size: slots per round P; ``None`` means one slot per rank. May exceed the world size
-            (several slots per rank).
-        threshold: initial error threshold on ``‖θ' − θ‖² / D``. ``0`` disables adaptation and gives the
-            sequential result exactly.
-        ema_decay: γ of the adaptive threshold ``e ← γ·e + (1 − γ)·M(errors)``, in ``[0, 1)``.
-        aggregate: ``M``: ``"median"`` (a true median) or ``"mean"``.
+            (several slots per rank). Default is ``None``.
+        threshold: the paper's convergence rule: the initial threshold on ``‖θ′ − θ‖² / D`` (DreamPropeller's
+            configs say 5e-6), adapted every round with ``ema_decay`` (0.9 unless given). ``0`` gives the
+            sequential result exactly. Default is ``None`` (use ``tolerance``); pass either, not both.
+        ema_decay: γ of the threshold update ``e ← γ·e + (1 − γ)·M(errors)``, in ``[0, 1]``; ``1`` keeps the
+            threshold fixed. No update follows a round whose guesses were all copies of the anchor (the first
+            round). Default is ``None``: 1 (fixed) with ``tolerance``, 0.9 (the paper's) with ``threshold``.
+        aggregate: ``M``: ``"median"`` (a true median) or ``"mean"``. Default is ``"median"``.
         init: guess for new slots: ``"copy"`` the last replayed state, or ``"extrapolate"`` by continuing the
-            replay with the latest gradient.
-        seed: base of the per-step seeds: step ``s`` runs with ``seed + s``.
+            replay with the latest gradient. Default is ``"copy"``.
+        seed: base of the per-step seeds: step ``s`` runs with ``seed + s``. Default is ``0``.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, start_method: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
             The backend defaults to NCCL on GPUs and gloo on CPU.
         timeout: how long a collective waits for a rank that stopped answering (5 minutes by default; raise it
             if ranks may spend longer apart, e.g. one rank building a prompt cache while others wait).
             An exception on any rank stops every rank at the next gather regardless of this timeout.
+        tolerance: the convergence rule in units of the optimizer's steps: a guess is accepted when every
+            tensor's ``‖θ′ − θ‖²`` is at most ``tolerance`` times that tensor's mean ``‖step‖²`` of the round
+            (``1``: within one step, ``0.25``: within half a step). ``0`` gives the sequential result exactly.
+            Default is ``None``: 0.1 unless ``threshold`` is given.
+        max_threshold: upper bound of the adapted threshold, in the units of the rule in use. Default is
+            ``None`` (no bound).
     """
 
     strategy_name = "picard"
@@ -82,8 +96,8 @@ class PicardStrategy(DDPStrategy):
     def __init__(
         self,
         window_size: int | None = None,
-        threshold: float = 5e-6,
-        ema_decay: float = 0.9,
+        threshold: float | None = None,
+        ema_decay: float | None = None,
         aggregate: Literal["median", "mean"] = "median",
         init: Literal["copy", "extrapolate"] = "copy",
         seed: int = 0,
@@ -95,7 +109,12 @@ class PicardStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        tolerance: float | None = None,
+        max_threshold: float | None = None,
     ) -> None:
+        error_units, threshold, ema_decay = _convergence_policy(
+            threshold, tolerance, ema_decay, max_threshold
+        )
         _validate_arguments(window_size, threshold, ema_decay, aggregate, init, seed)
         if timeout is not None and not (isinstance(timeout, timedelta) and timeout.total_seconds() > 0):
             raise ValueError(f"timeout must be a positive datetime.timedelta or None, got {timeout!r}.")
@@ -124,6 +143,8 @@ class PicardStrategy(DDPStrategy):
         self.aggregate = aggregate
         self.init = init
         self.seed = int(seed)
+        self.error_units: Literal["step", "absolute"] = error_units  # type: ignore[assignment]
+        self.max_threshold = None if max_threshold is None else float(max_threshold)
         self.window: PicardWindow | None = None
         self.flat: FlatParameters | None = None
         self.snapshot: OptimizerSnapshot | None = None
@@ -176,17 +197,20 @@ class PicardStrategy(DDPStrategy):
             self.init,
             buffers=ModuleBuffers(module, buffers, outputs) if buffers or outputs else None,
             resizable=callable(getattr(module, "picard_after_optimizer_step", None)),
+            error_units=self.error_units,
+            max_threshold=self.max_threshold,
         )
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         self.snapshot = OptimizerSnapshot(trainer.optimizers[0], schedulers)
         install_picard_loop(trainer)
         log.info(
-            "Picard: %d slots over %d rank(s), %d parameters, threshold %.3g (%s), ema_decay %.3g, init=%s",
+            "Picard: %d slots over %d rank(s), %d parameters, threshold %.3g (%s, %s), ema_decay %.3g, init=%s",
             self.window_size,
             self.world_size,
             self.flat.numel,
             self.threshold,
-            "adaptive" if self.threshold > 0 else "exact",
+            "squared steps" if self.error_units == "step" else "‖Δθ‖²/D",
+            "exact" if self.threshold == 0 else "fixed" if self.ema_decay == 1 else "adaptive",
             self.ema_decay,
             self.init,
         )
@@ -360,11 +384,52 @@ def _validate_arguments(
             f"threshold must be >= 0, got {threshold}. Use 0 for exact sequential results, or a small positive "
             "value such as 5e-6 for speed."
         )
-    if not 0 <= ema_decay < 1:
-        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}. The paper uses 0.9.")
+    if not 0 <= ema_decay <= 1:
+        raise ValueError(
+            f"ema_decay must be in [0, 1], got {ema_decay}. 1 keeps the threshold fixed; the paper uses 0.9."
+        )
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}.")
     if init not in INITIALIZERS:
         raise ValueError(f"init must be one of {INITIALIZERS}, got {init!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+
+
+DEFAULT_TOLERANCE = 0.1
+"""The default ``tolerance``: a guess is accepted when every tensor is within about a third of its optimizer step
+(√0.1) of its replayed value: the largest measured value that kept every non-chaotic case of
+benchmarks/convergence.py within 1% of the seed-to-seed distance (docs/algorithm.md)."""
+
+
+def _convergence_policy(
+    threshold: float | None, tolerance: float | None, ema_decay: float | None, max_threshold: float | None
+) -> tuple[str, float, float]:
+    """``(error units, initial threshold, ema_decay)`` from the arguments: ``tolerance`` (in squared optimizer
+    steps, fixed by default) or the paper's ``threshold`` (‖Δθ‖²/D, adapted with γ = 0.9 by default)."""
+    if threshold is not None and tolerance is not None:
+        raise ValueError(
+            f"Pass either tolerance ({tolerance}, in squared optimizer steps) or threshold ({threshold}, the paper's "
+            "‖Δθ‖²/D), not both."
+        )
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+        raise ValueError(
+            f"tolerance must be a number >= 0, got {tolerance!r}. Use 0 for exact sequential results; "
+            f"{DEFAULT_TOLERANCE} (the default) accepts a guess whose squared distance from its replayed value is "
+            "at most 0.1 optimizer steps squared, per parameter tensor."
+        )
+    if max_threshold is not None and not (
+        isinstance(max_threshold, (int, float)) and not isinstance(max_threshold, bool) and max_threshold >= 0
+    ):
+        raise ValueError(f"max_threshold must be None or a number >= 0, got {max_threshold!r}.")
+    if threshold is not None:
+        units, value, decay = "absolute", threshold, 0.9 if ema_decay is None else ema_decay
+    else:
+        value = DEFAULT_TOLERANCE if tolerance is None else tolerance
+        units, decay = "step", 1.0 if ema_decay is None else ema_decay
+    if max_threshold is not None and isinstance(value, (int, float)) and value > max_threshold:
+        raise ValueError(
+            f"The initial threshold ({value}) is above max_threshold ({max_threshold}): the threshold starts there "
+            "and adapts up to max_threshold. Raise max_threshold or lower the tolerance/threshold."
+        )
+    return units, value, decay
