@@ -75,8 +75,10 @@ def check_run_dir_free(run_dir: Path, ckpt_path: str | None) -> None:
 
 
 def run_dir_of_checkpoint(ckpt_path: str | Path) -> Path | None:
-    """The run folder a checkpoint belongs to (the nearest parent holding ``config.yaml``), if any."""
-    for parent in Path(ckpt_path).resolve().parents:
+    """The run folder a checkpoint belongs to: ``RUN`` for ``RUN/checkpoints/x.ckpt`` or ``RUN/x.ckpt`` when
+    ``RUN`` holds ``config.yaml``; else None."""
+    path = Path(ckpt_path).resolve()
+    for parent in (path.parent.parent, path.parent) if path.parent.name == "checkpoints" else (path.parent,):
         if (parent / CONFIG_NAME).exists():
             return parent
     return None
