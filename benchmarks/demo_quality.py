@@ -192,6 +192,9 @@ def run(setting: Setting, steps: int, seed: int, eval_every: int) -> list[dict[s
         if density is not None:
             for view in range(out.means2d.shape[0]):
                 density.observe(step + 1, out.means2d.grad[view], out.radii[view], width, height)
+        # No reference to this step's graph may outlive a resize: its gradient accumulators would keep
+        # the old number of rows.
+        del out, x, loss
         optimizer.step()
         scheduler.step()
         if density is not None:

@@ -77,7 +77,9 @@ class RandomCameraConfig:
         for name in ("elevation_choices", "azimuth_choices"):
             choices = getattr(self, name)
             if choices is not None and len(choices) == 0:
-                raise ValueError(f"{name} is empty: give at least one angle in degrees, or None for the range")
+                raise ValueError(
+                    f"{name} is empty: give at least one angle in degrees, or None for the range"
+                )
 
     def _phase_value(self, value: int | list[int], step: int) -> int:
         if isinstance(value, int):
