@@ -77,6 +77,7 @@ class Setting:
     prior: dict[str, Any] = field(default_factory=lambda: dict(sigma_deg=10.0))
     sds: dict[str, Any] = field(default_factory=dict)
     timesteps: dict[str, Any] = field(default_factory=dict)
+    render: dict[str, Any] = field(default_factory=dict)
 
 
 def derive(base: Setting, **changes: Any) -> Setting:
@@ -169,7 +170,7 @@ def run(setting: Setting, steps: int, seed: int, eval_every: int) -> list[dict[s
     white = torch.ones(3)
 
     def render_rgb(cameras):
-        return render_gaussians(gaussians, cameras, background=white)
+        return render_gaussians(gaussians, cameras, background=white, **setting.render)
 
     def evaluate_at(step: int, cpu: float, wall: float) -> dict[str, float]:
         quality = novel_view_quality(lambda cams: render_rgb(cams).rgb.permute(0, 3, 1, 2))

@@ -597,9 +597,11 @@ def test_init_color_gives_every_gaussian_one_colour_and_keeps_the_positions():
         Gaussians(num_points=5, init_color=1.5)
 
 
+@pytest.mark.parametrize("compositor", ["fused", "tiled"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_compositor_matches_the_dense_one_in_values_and_gradients(dtype):
-    """Random Gaussians, some nearly opaque (α clamped at 0.99), some off screen: same images, same gradients."""
+def test_fast_compositors_match_the_dense_one_in_values_and_gradients(dtype, compositor):
+    """Random Gaussians, some nearly opaque (α clamped at 0.99), some off screen, 20 × 20 pixels (partial
+    8 × 8 tiles): same images, same gradients."""
     generator = torch.Generator().manual_seed(5)
     g = Gaussians(num_points=120, radius=0.6, seed=2)
     with torch.no_grad():
@@ -615,12 +617,12 @@ def test_fused_compositor_matches_the_dense_one_in_values_and_gradients(dtype):
     cams = cams.__class__(**{k: v.to(dtype) if torch.is_tensor(v) else v for k, v in vars(cams).items()})
     weights = [torch.randn(1, 20, 20, c, generator=generator).to(dtype) for c in (3, 1, 1)]
     results = {}
-    for compositor in ("dense", "fused"):
+    for name in ("dense", compositor):
         g.zero_grad()
-        out = render_gaussians(g, cams, background=torch.ones(3, dtype=dtype), compositor=compositor)
+        out = render_gaussians(g, cams, background=torch.ones(3, dtype=dtype), compositor=name)
         loss = sum((image * w).sum() for image, w in zip((out.rgb, out.alpha, out.depth), weights))
         loss.backward()
-        results[compositor] = [out.rgb, out.alpha, out.depth, out.means2d.grad] + [
+        results[name] = [out.rgb, out.alpha, out.depth, out.means2d.grad] + [
             getattr(g, name).grad for name in PARAMETER_NAMES
         ]
     means2d, conics, _, radii = project_gaussians(g.means, g.rotations, g.scales, cams)
@@ -632,8 +634,21 @@ def test_fused_compositor_matches_the_dense_one_in_values_and_gradients(dtype):
     assert ((g.opacities[:, None] * power.exp() > 0.99) & (radii[0, :, None] > 0)).any()  # the clamp is hit
     # Float rounding only: float64 agrees to ~1e-15, float32 to ~1e-6 of each tensor's largest entry.
     relative = 1e-12 if dtype == torch.float64 else 2e-5
-    for fused, dense in zip(results["fused"], results["dense"]):
+    for fast, dense in zip(results[compositor], results["dense"]):
         scale = dense.abs().max().item()
-        torch.testing.assert_close(fused.detach(), dense.detach(), rtol=0.0, atol=relative * scale)
+        torch.testing.assert_close(fast.detach(), dense.detach(), rtol=0.0, atol=relative * scale)
     with pytest.raises(ValueError, match="compositor"):
-        render_gaussians(g, cams, compositor="tiled")
+        render_gaussians(g, cams, compositor="sparse")
+
+
+@pytest.mark.parametrize("compositor", ["dense", "fused", "tiled"])
+def test_compositors_handle_a_view_with_nothing_visible(compositor):
+    g = Gaussians(num_points=10, radius=0.3, seed=0)
+    with torch.no_grad():
+        g.means += 50.0  # behind or beside every camera
+    out = render_gaussians(g, one_camera(12), background=torch.ones(3), compositor=compositor)
+    assert torch.equal(out.rgb, torch.ones_like(out.rgb)) and torch.equal(
+        out.alpha, torch.zeros_like(out.alpha)
+    )
+    out.rgb.sum().backward()
+    assert g.means.grad is not None and g.means.grad.abs().sum() == 0
