@@ -258,7 +258,6 @@ def composite_tiled(
             torch.sqrt(2.0 * torch.log((opacity / ALPHA_MIN).clamp_min(1.0)) / lambda_min.clamp_min(1e-12))
             + 0.5
         )
-        reach = torch.where(opacity >= ALPHA_MIN, reach, torch.full_like(reach, -1.0))
         x0 = torch.arange(tiles_x, device=device, dtype=dtype) * tile  # tile extents in pixel coordinates
         y0 = torch.arange(tiles_y, device=device, dtype=dtype) * tile
         near_x = (means[None, :, 0] + reach >= x0[:, None]) & (
@@ -268,6 +267,7 @@ def composite_tiled(
             means[None, :, 1] - reach <= y0[:, None] + tile
         )
         overlap = (near_y[:, None, :] & near_x[None, :, :]).reshape(tiles_y * tiles_x, -1)  # [T, M]
+        overlap &= (opacity >= ALPHA_MIN)[None]  # fainter ones never reach 1/255
         count = overlap.sum(dim=1)
         k = max(int(count.max()) if count.numel() else 0, 1)
         # Overlapping Gaussians first, in depth order (stable sort keeps the order within each group).
