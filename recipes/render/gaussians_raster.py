@@ -1,8 +1,10 @@
 """Differentiable 3D Gaussian splatting: a dense pure-torch reference and gsplat as the fast CUDA backend.
 
 The torch path projects every Gaussian (EWA: 2D covariance J W Σ Wᵀ Jᵀ + 0.3 I, as 3DGS), sorts by
-depth and alpha-composites all of them over every pixel. That is O(N·H·W) memory and time, fine for a
-few thousand Gaussians at 64² on a CPU. ``backend="gsplat"`` calls ``gsplat.rasterization`` (imported
+depth and alpha-composites them front to back. By default (``compositor="tiled"``) each 8 × 8 pixel tile
+blends only the Gaussians that can reach it (alpha ≥ 1/255); ``"fused"`` and ``"dense"`` blend every
+visible Gaussian over every pixel, O(N·H·W), with a hand-written or an autograd backward. All three agree
+to float rounding in values and gradients. ``backend="gsplat"`` calls ``gsplat.rasterization`` (imported
 only then); ``"auto"`` picks gsplat for CUDA tensors when it is installed. The choice is logged once.
 
 Cameras follow :mod:`recipes.data.cameras` (OpenGL c2w, z-up world, row 0 at the top).
@@ -25,7 +27,7 @@ from recipes.geometry.gaussians import covariances
 log = logging.getLogger(__name__)
 
 GaussianBackend = Literal["auto", "torch", "gsplat"]
-TorchCompositor = Literal["fused", "dense"]
+TorchCompositor = Literal["fused", "dense", "tiled"]
 _announced: set[str] = set()
 
 ALPHA_MAX = 0.99
@@ -228,6 +230,130 @@ class _FusedComposite(torch.autograd.Function):
         return grad_means2d, grad_conics, grad_opacities, grad_features, None
 
 
+def composite_tiled(
+    means2d: Tensor,
+    conics: Tensor,
+    depths: Tensor,
+    radii: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    width: int,
+    height: int,
+    tile: int = 8,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`composite_fused` over ``tile × tile`` pixel tiles, each blending only the Gaussians that can reach it.
+
+    A Gaussian adds nothing where its alpha o·exp(−d²/2) is below 1/255, i.e. beyond the Mahalanobis
+    distance √(2 ln(255 o)); the tiles it skips are exactly those its bounding circle of that radius
+    misses, so the result equals :func:`composite_fused` to float rounding (tests). Tiles are padded to the
+    largest per-tile count and computed in one batch. Same inputs and outputs as :func:`composite_dense`.
+    """
+    order = _depth_order(depths, radii)
+    dtype, device = means2d.dtype, means2d.device
+    means, conic, opacity = means2d[order], conics[order], opacities[order]
+    features = torch.cat([colors[order], depths[order][:, None]], dim=1)
+    tiles_y, tiles_x = -(-height // tile), -(-width // tile)
+    with torch.no_grad():
+        # Largest screen distance at which alpha can still reach 1/255 (+0.5 px of margin).
+        mid = 0.5 * (conic[:, 0] + conic[:, 2])
+        lambda_min = mid - torch.sqrt(
+            (mid * mid - (conic[:, 0] * conic[:, 2] - conic[:, 1] ** 2)).clamp_min(0.0)
+        )
+        reach = (
+            torch.sqrt(2.0 * torch.log((opacity / ALPHA_MIN).clamp_min(1.0)) / lambda_min.clamp_min(1e-12))
+            + 0.5
+        )
+        x0 = torch.arange(tiles_x, device=device, dtype=dtype) * tile  # tile extents in pixel coordinates
+        y0 = torch.arange(tiles_y, device=device, dtype=dtype) * tile
+        near_x = (means[None, :, 0] + reach >= x0[:, None]) & (
+            means[None, :, 0] - reach <= x0[:, None] + tile
+        )
+        near_y = (means[None, :, 1] + reach >= y0[:, None]) & (
+            means[None, :, 1] - reach <= y0[:, None] + tile
+        )
+        overlap = (near_y[:, None, :] & near_x[None, :, :]).reshape(tiles_y * tiles_x, -1)  # [T, M]
+        overlap &= (opacity >= ALPHA_MIN)[None]  # fainter ones never reach 1/255
+        count = overlap.sum(dim=1)
+        k = max(int(count.max()) if count.numel() else 0, 1)
+        # Overlapping Gaussians first, in depth order (stable sort keeps the order within each group).
+        index = torch.sort((~overlap).to(torch.uint8), dim=1, stable=True).indices[:, :k]
+        present = torch.arange(k, device=device)[None] < count[:, None]  # [T, K]
+        if means.shape[0] == 0:  # nothing visible: every slot points at the zero row appended below
+            index = torch.zeros_like(present, dtype=torch.long)
+    ys = (torch.arange(tiles_y * tile, device=device, dtype=dtype) + 0.5).reshape(tiles_y, 1, tile, 1)
+    xs = (torch.arange(tiles_x * tile, device=device, dtype=dtype) + 0.5).reshape(1, tiles_x, 1, tile)
+    pixels = torch.stack(torch.broadcast_tensors(xs, ys), dim=-1).reshape(tiles_y * tiles_x, tile * tile, 2)
+    if means.shape[0] == 0:  # keep the (empty) inputs in the graph, with one zero row to point at
+        means, conic = torch.cat([means, means.new_zeros(1, 2)]), torch.cat([conic, conic.new_zeros(1, 3)])
+        opacity = torch.cat([opacity, opacity.new_ones(1)])
+        features = torch.cat([features, features.new_zeros(1, features.shape[1])])
+    out, acc = _TiledComposite.apply(means, conic, opacity, features, pixels, index, present)
+
+    # [T, S, F] → [H, W, F], dropping the padding of partial tiles.
+    def untile(x: Tensor) -> Tensor:
+        x = x.reshape(tiles_y, tiles_x, tile, tile, -1).permute(0, 2, 1, 3, 4)
+        return x.reshape(tiles_y * tile, tiles_x * tile, -1)[:height, :width]
+
+    out, acc = untile(out), untile(acc[..., None])
+    return out[..., :-1], acc, out[..., -1:]
+
+
+class _TiledComposite(torch.autograd.Function):
+    """:class:`_FusedComposite` batched over tiles: tile t blends Gaussians ``index[t]`` (where ``present``)."""
+
+    @staticmethod
+    def forward(ctx, means2d, conics, opacities, features, pixels, index, present):
+        m, cn, op = means2d[index], conics[index], opacities[index]  # [T, K, ·]
+        dx = pixels[:, None, :, 0] - m[..., 0:1]  # [T, K, S]
+        dy = pixels[:, None, :, 1] - m[..., 1:2]
+        a, b, c = cn[..., 0:1], cn[..., 1:2], cn[..., 2:3]
+        power = (dx * dx).mul_(a).add_((dy * dy).mul_(c)).mul_(-0.5).sub_((b * dx).mul_(dy))
+        raw = power.clamp_max(0.0).exp_().mul_(op[..., None])
+        alpha = raw.clamp_max(ALPHA_MAX)
+        valid = (power <= 0) & (alpha >= ALPHA_MIN) & present[..., None]
+        alpha.masked_fill_(~valid, 0.0)
+        passes = valid & (raw <= ALPHA_MAX)
+        del power, raw
+        transmittance = torch.cumprod(
+            torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha[:, :-1]], dim=1), dim=1
+        )
+        weights = alpha * transmittance
+        feats = features[index]  # [T, K, F]
+        out = torch.bmm(weights.transpose(1, 2), feats)  # [T, S, F]
+        acc = weights.sum(dim=1)  # [T, S]
+        ctx.save_for_backward(cn, op, feats, dx, dy, alpha, transmittance, weights, passes, index)
+        ctx.num_gaussians = means2d.shape[0]
+        return out, acc
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_acc):
+        cn, op, feats, dx, dy, alpha, transmittance, weights, passes, index = ctx.saved_tensors
+        q = torch.bmm(feats, grad_out.transpose(1, 2)).add_(grad_acc[:, None])  # [T, K, S]
+        grad_feats = torch.bmm(weights, grad_out)  # [T, K, F]
+        weighted = weights * q
+        behind = torch.zeros_like(weighted)
+        if weighted.shape[1] > 1:
+            behind[:, :-1] = torch.flip(torch.cumsum(torch.flip(weighted[:, 1:], (1,)), dim=1), (1,))
+        grad_alpha = (transmittance * q).sub_(behind.div_(1 - alpha))
+        grad_power = grad_alpha.mul_(alpha).masked_fill_(~passes, 0.0)
+        grad_op = grad_power.sum(dim=2) / op
+        u, v = grad_power * dx, grad_power * dy
+        sum_u, sum_v = u.sum(dim=2), v.sum(dim=2)
+        a, b, c = cn.unbind(-1)
+        grad_m = torch.stack([a * sum_u + b * sum_v, c * sum_v + b * sum_u], dim=-1)
+        grad_cn = torch.stack(
+            [-0.5 * (u * dx).sum(dim=2), -(u * dy).sum(dim=2), -0.5 * (v * dy).sum(dim=2)], -1
+        )
+        n, flat = ctx.num_gaussians, index.reshape(-1)
+
+        def scatter(per_tile: Tensor) -> Tensor:
+            out = per_tile.new_zeros(n, *per_tile.shape[2:])
+            return out.index_add_(0, flat, per_tile.reshape(flat.shape[0], *per_tile.shape[2:]))
+
+        return scatter(grad_m), scatter(grad_cn), scatter(grad_op), scatter(grad_feats), None, None, None
+
+
 def _depth_order(depths: Tensor, radii: Tensor) -> Tensor:
     """Indices of the visible Gaussians (positive radius), nearest first."""
     visible = torch.nonzero(radii > 0).squeeze(-1)
@@ -254,18 +380,20 @@ def rasterize_gaussians(
     background: Tensor | None = None,
     backend: GaussianBackend = "torch",
     near: float = 0.01,
-    compositor: TorchCompositor = "fused",
+    compositor: TorchCompositor = "tiled",
 ) -> GaussianRender:
     """Render N Gaussians (``means [N,3]``, wxyz ``quats [N,4]``, ``scales [N,3]``, ``opacities [N]``,
     ``colors [N,C]`` or ``[B,N,C]``) into every camera; ``background`` is ``[C]`` or ``[B,H,W,C]``.
 
-    ``compositor`` picks the torch backend's compositing: ``"fused"`` (:func:`composite_fused`, one autograd
-    node) or ``"dense"`` (:func:`composite_dense`, plain autograd); they agree to float rounding. Default is
-    ``"fused"``.
+    ``compositor`` picks the torch backend's compositing: ``"tiled"`` (:func:`composite_tiled`, 8 × 8 pixel
+    tiles that blend only the Gaussians reaching them), ``"fused"`` (:func:`composite_fused`, every visible
+    Gaussian over every pixel, one autograd node) or ``"dense"`` (:func:`composite_dense`, the same through
+    plain autograd). All three agree to float rounding; tiled is the fastest, 1.3–14× faster than dense on a
+    CPU (more for many small Gaussians), fused gives images bit-identical to dense. Default is ``"tiled"``.
     """
-    if compositor not in ("fused", "dense"):
-        raise ValueError(f"unknown compositor {compositor!r}; use 'fused' or 'dense'")
-    composite = composite_fused if compositor == "fused" else composite_dense
+    if compositor not in ("fused", "dense", "tiled"):
+        raise ValueError(f"unknown compositor {compositor!r}; use 'fused', 'dense' or 'tiled'")
+    composite = {"fused": composite_fused, "dense": composite_dense, "tiled": composite_tiled}[compositor]
     chosen = resolve_backend(backend, means.device)
     if chosen == "gsplat":
         color, alpha, depth, means2d, radii = _rasterize_gsplat(
@@ -299,11 +427,11 @@ def render_gaussians(
     cameras: Cameras,
     background: Tensor | None = None,
     backend: GaussianBackend = "torch",
-    compositor: TorchCompositor = "fused",
+    compositor: TorchCompositor = "tiled",
 ) -> GaussianRender:
     """Render a :class:`~recipes.geometry.gaussians.Gaussians` module (activated parameters) into ``cameras``.
 
-    ``compositor`` is passed to :func:`rasterize_gaussians`. Default is ``"fused"``.
+    ``compositor`` is passed to :func:`rasterize_gaussians`. Default is ``"tiled"``.
     """
     return rasterize_gaussians(
         gaussians.means,

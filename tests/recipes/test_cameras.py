@@ -130,11 +130,10 @@ def test_random_cameras_can_be_drawn_from_a_grid_of_poses():
 
     grid = dict(elevation_choices=[-10.0, 20.0, 50.0], azimuth_choices=[0.0, 30.0, 60.0])
     fixed = dict(camera_perturb=0.0, center_perturb=0.0, up_perturb=0.0, camera_distance_range=(3.0, 3.0))
+    dataset = RandomCameraDataset(RandomCameraConfig(batch_size=4, **grid, **fixed), seed=1, num_steps=40)
     seen = set()
     for step in range(40):
-        cams = RandomCameraDataset(RandomCameraConfig(batch_size=4, **grid, **fixed), seed=1, num_steps=40)[
-            step
-        ]
+        cams = dataset[step]
         seen |= {(e, a) for e, a in zip(cams.elevation_deg.tolist(), cams.azimuth_deg.tolist())}
         expected = cameras_from_spherical(
             cams.elevation_deg, cams.azimuth_deg, torch.full((4,), 3.0), torch.rad2deg(cams.fovy), 64, 64
