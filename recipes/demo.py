@@ -104,12 +104,21 @@ def _load(run_dir: Path) -> TextTo3D:
     return model.eval()
 
 
+PHOTOMETRIC_GRAD_THRESHOLD = 2.0
+"""Densification threshold of the photometric fit: its screen-space gradients are about twice SDS's on the
+prior (at SDS's 1.0 it grows to ~950 Gaussians; benchmarks/demo_quality.py)."""
+
+
 def photometric_config(config: Path, out: Path) -> Path:
-    """``config`` with the model class swapped for :class:`PhotometricFit` (same arguments)."""
+    """``config`` with the model class swapped for :class:`PhotometricFit` (same arguments) and the
+    densification threshold set to :data:`PHOTOMETRIC_GRAD_THRESHOLD`."""
     import yaml
 
     data = yaml.safe_load(config.read_text())
     data["model"]["class_path"] = f"{__name__}.PhotometricFit"
+    scene = data["model"]["init_args"]["scene"].get("init_args", {})
+    if "densification" in scene:
+        scene["densification"]["grad_threshold"] = PHOTOMETRIC_GRAD_THRESHOLD
     path = out / "photometric.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
