@@ -58,7 +58,9 @@ class PhotometricFit(TextTo3D):
         rgb = self.scene.render(cameras)["comp_rgb"]
         with torch.no_grad():
             target = default_procedural_object().render(cameras).rgb.permute(0, 2, 3, 1).to(rgb)
-        loss = (rgb - target).square().mean()
+        # SDS's surrogate scale in the prior's [-1, 1] space, 0.5·‖x − y‖²/B, so that the screen-space gradients
+        # that drive densification are of the same order as in the SDS runs
+        loss = 0.5 * (2 * (rgb - target)).square().sum() / rgb.shape[0]
         self.log("train/loss_photometric", loss.detach())
         return loss
 
