@@ -1,0 +1,96 @@
+"""How close Picard stays to the sequential run on the demo, against the convergence tolerance.
+
+Runs the demo config (``recipes/configs/demo/dreamgaussian.yaml``) through ``lightning-picard fit``: two sequential
+runs (seeds 0 and 1, one core each, at the same time) and Picard on 2 processes at each tolerance, with and
+without densification, and prints T/rounds, fit seconds, novel-view PSNR and the fidelity ratio (Picard's distance
+to the sequential run over the seed-to-seed distance, on held-out renders). One thread per process.
+
+    python benchmarks/demo_fidelity.py --out /tmp/demo_fidelity --tolerances 0.1 0.01 0.001 1e-5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from recipes import demo
+from recipes.data.procedural import held_out_cameras
+from recipes.eval import novel_view_quality
+
+VARIANTS = {
+    "densify": [],
+    "no densify": ["--model.init_args.scene.init_args.densification.end_step=-1"],
+}
+
+
+def fit_all(out: Path, variant: str, overrides: list[str], tolerances: list[str]) -> dict[str, Path]:
+    """Run what is missing under ``out/variant`` and return the run folders by name."""
+    folder = out / variant.replace(" ", "_")
+    runs = {"sequential": folder / "sequential", "seed1": folder / "seed1"}
+    runs |= {f"tolerance {t}": folder / f"tolerance_{t}" for t in tolerances}
+    sequential = ["--trainer.strategy", "auto", "--trainer.devices", "1", *overrides]
+    pending = {
+        "sequential": sequential,
+        "seed1": [*sequential, "--model.seed", "1", "--data.init_args.seed", "1"],
+    }
+    pending = {name: args for name, args in pending.items() if not (runs[name] / "run.json").exists()}
+    if pending:
+        demo._wait(
+            {
+                name: (demo._launch(demo._fit_command(demo.DEMO_CONFIG, runs[name], args), folder / f"{name}.log"),
+                       folder / f"{name}.log")
+                for name, args in pending.items()
+            }
+        )  # fmt: skip
+    for t in tolerances:
+        name = f"tolerance {t}"
+        if (runs[name] / "run.json").exists():
+            continue
+        args = ["--trainer.devices", "2", "--trainer.strategy.init_args.tolerance", t, *overrides]
+        log = folder / f"{name.replace(' ', '_')}.log"
+        demo._wait({name: (demo._launch(demo._fit_command(demo.DEMO_CONFIG, runs[name], args), log), log)})
+    return runs
+
+
+def measure(runs: dict[str, Path]) -> list[dict[str, float | str]]:
+    cameras = held_out_cameras()
+    models = {name: demo._load(run) for name, run in runs.items()}
+    renders = {name: demo._render(model, cameras) for name, model in models.items()}
+    seed_distance = (renders["seed1"] - renders["sequential"]).square().mean().item()
+    rows = []
+    for name, model in models.items():
+        info = json.loads((runs[name] / "run.json").read_text())
+        distance = (renders[name] - renders["sequential"]).square().mean().item()
+        rows.append(
+            {
+                "run": name,
+                "steps_per_round": info["steps"] / info["rounds"],
+                "fit_seconds": info["fit_seconds"],
+                "psnr": novel_view_quality(lambda c, m=model: demo._render(m, c)).psnr,
+                "fidelity_ratio": distance / seed_distance,
+                "gaussians": len(model.scene.gaussians),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/demo_fidelity"))
+    parser.add_argument("--tolerances", nargs="+", default=["0.1", "0.01", "0.001", "1e-5"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+    print("| variant | run | steps/round | fit s | PSNR (dB) | fidelity ratio | Gaussians |")
+    print("|---|---|---|---|---|---|---|")
+    for variant in args.variants:
+        for row in measure(fit_all(args.out, variant, VARIANTS[variant], args.tolerances)):
+            print(
+                f"| {variant} | {row['run']} | {row['steps_per_round']:.2f} | {row['fit_seconds']:.1f} | "
+                f"{row['psnr']:.2f} | {100 * row['fidelity_ratio']:.2f}% | {row['gaussians']} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
