@@ -1,0 +1,170 @@
+"""Lightning's own behaviour under PicardStrategy: each test compares a Picard run with the plain Lightning run."""
+
+from datetime import timedelta
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader
+
+import lightning_picard as lp
+from tests.toy import ToyRegression, final_parameters, quiet_trainer_kwargs, regression_data
+
+
+def _fit(module, devices=0, window_size=3, threshold=0.0, data=None, **trainer_kwargs):
+    """devices=0: the sequential reference (one device, StepSeed); else Picard on that many ranks."""
+    if devices == 0:
+        strategy, devices = "auto", 1
+        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), lp.StepSeed(0)]
+    else:
+        strategy = lp.PicardStrategy(
+            window_size=window_size,
+            threshold=threshold,
+            start_method="fork" if devices > 1 else "popen",
+            timeout=timedelta(seconds=60),
+        )
+    trainer_kwargs.setdefault("max_steps", 12)
+    trainer = pl.Trainer(devices=devices, strategy=strategy, **quiet_trainer_kwargs(**trainer_kwargs))
+    trainer.fit(module, data if data is not None else regression_data())
+    return trainer
+
+
+class StopsAtBatchFour(ToyRegression):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 4:
+            self.trainer.should_stop = True
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_should_stop_set_in_training_step_stops_after_that_step(threshold):
+    """A speculative slot that sets the flag must not stop training; the accepted step does, after its update."""
+    reference = StopsAtBatchFour()
+    sequential = _fit(reference, max_steps=-1, max_epochs=1)
+    module = StopsAtBatchFour()
+    trainer = _fit(module, devices=1, window_size=4, threshold=threshold, max_steps=-1, max_epochs=1)
+    assert trainer.global_step == sequential.global_step == 5
+    assert trainer.current_epoch == sequential.current_epoch == 1
+    if threshold == 0.0:
+        assert torch.equal(final_parameters(module), final_parameters(reference))
+
+
+class EpochScheduled(ToyRegression):
+    def __init__(self, skip_at):
+        super().__init__(step_lr=False)
+        self.skip_at = skip_at
+
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if batch_idx == self.skip_at else None
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1)]
+
+
+@pytest.mark.parametrize("skip_at", [0, 4, 8])
+def test_on_train_batch_start_returning_minus_one_ends_the_epoch_as_lightning_does(skip_at):
+    """The hook runs once per round, at step τ; with every guess accepted the rounds start at 0, 4, 8."""
+    sequential = _fit(EpochScheduled(skip_at), max_steps=-1, max_epochs=3)
+    trainer = _fit(EpochScheduled(skip_at), devices=1, window_size=4, threshold=1.0, max_steps=-1, max_epochs=3)
+    assert trainer.fit_loop.batch_idx == sequential.fit_loop.batch_idx == skip_at
+    assert trainer.global_step == sequential.global_step == 3 * skip_at
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == sequential.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.1**3)
+    assert trainer.is_last_batch
+
+
+class LogsStep(ToyRegression):
+    def __init__(self, sync_dist=False):
+        super().__init__()
+        self.sync_dist = sync_dist
+
+    def training_step(self, batch, batch_idx):
+        step = torch.tensor(float(self.global_step))
+        self.log("step_mean", step, on_step=False, on_epoch=True, sync_dist=self.sync_dist)
+        self.log("step_sum", step, on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=self.sync_dist)
+        self.log("step_max", step, on_step=False, on_epoch=True, reduce_fx="max", sync_dist=self.sync_dist)
+        self.log("ones", 1.0, on_step=True, on_epoch=True, reduce_fx="sum", sync_dist=self.sync_dist)
+        return super().training_step(batch, batch_idx)
+
+
+def _epoch_metrics(trainer):
+    return {k: trainer.callback_metrics[k].item() for k in ("step_mean", "step_sum", "step_max", "ones_epoch")}
+
+
+def test_epoch_aggregates_hold_only_accepted_steps():
+    expected = _epoch_metrics(_fit(LogsStep(), max_steps=-1, max_epochs=1, data=regression_data(n=40)))
+    assert expected == {"step_mean": 4.5, "step_sum": 45.0, "step_max": 9.0, "ones_epoch": 10.0}
+    picard = _fit(LogsStep(), devices=1, window_size=4, max_steps=-1, max_epochs=1, data=regression_data(n=40))
+    assert _epoch_metrics(picard) == expected
+    assert picard.callback_metrics["picard/rounds"].item() > 1
+
+
+@pytest.mark.multiprocess
+def test_sync_dist_on_two_ranks_sums_every_accepted_step_once():
+    """self.log(..., sync_dist=True) in training_step: no collective per slot (ranks evaluate different numbers of
+    slots), and the epoch value over both ranks is the sequential one."""
+    expected = _epoch_metrics(_fit(LogsStep(), max_steps=-1, max_epochs=1, data=regression_data(n=40)))
+    picard = _fit(
+        LogsStep(sync_dist=True), devices=2, window_size=3, max_steps=-1, max_epochs=1, data=regression_data(n=40)
+    )
+    assert _epoch_metrics(picard) == expected
+
+
+def test_logger_rows_carry_the_epoch_as_in_lightning(tmp_path):
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    _fit(ToyRegression(), devices=1, window_size=2, max_steps=-1, max_epochs=2, logger=logger, log_every_n_steps=1,
+         data=regression_data(n=16))
+    rows = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    epochs = [row.split(",")[header.index("epoch")] for row in rows[1:]]
+    assert epochs and all(epochs), "every row has Lightning's `epoch` column"
+    assert {float(e) for e in epochs} == {0.0, 1.0}
+
+
+class NoneBatches(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.zeros(4)
+
+
+def test_a_dataloader_yielding_none_gets_a_clear_message():
+    data = DataLoader(NoneBatches(), batch_size=4, collate_fn=lambda items: None)
+    with pytest.raises(MisconfigurationException, match="yielded None at batch 0"):
+        _fit(ToyRegression(), devices=1, data=data)
+
+
+class GathersInTrainingStep(ToyRegression):
+    def training_step(self, batch, batch_idx):
+        self.all_gather(torch.ones(()))
+        return super().training_step(batch, batch_idx)
+
+
+def test_all_gather_while_a_step_is_evaluated_names_the_hook():
+    with pytest.raises(MisconfigurationException, match="all_gather was called in `training_step`"):
+        _fit(GathersInTrainingStep(), devices=1)
+
+
+class ReducesInTrainingStep(ToyRegression):
+    def training_step(self, batch, batch_idx):
+        self.trainer.strategy.barrier()
+        total = self.trainer.strategy.reduce(torch.tensor(1.0), reduce_op="sum")
+        self.log("reduced", total, on_step=False, on_epoch=True, reduce_fx="sum")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.multiprocess
+def test_reduce_and_barrier_while_a_step_is_evaluated_see_that_step_alone():
+    """Ranks evaluate different numbers of slots: a collective per slot would hang; each step counts once."""
+    trainer = _fit(ReducesInTrainingStep(), devices=2, window_size=3, max_steps=10)
+    assert trainer.callback_metrics["reduced"].item() == 5.0, "rank 0's accepted steps, as without sync_dist"
+
+
+def test_sync_batchnorm_is_refused_at_setup():
+    with pytest.raises(MisconfigurationException, match="does not support sync_batchnorm"):
+        _fit(ToyRegression(), devices=1, sync_batchnorm=True)
