@@ -294,3 +294,41 @@ class DriftsOnRankOne(ToyRegression):
 def test_replicas_that_drift_apart_stop_every_rank_with_a_clear_error():
     with pytest.raises(Exception, match=r"the anchor \(step \d+\) of rank 1 differs from rank 0's"):
         _fit(DriftsOnRankOne(), devices=2, window_size=2, max_steps=12)
+
+
+class FailsLateOnRankOne(ToyRegression):
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and self.global_step >= 513:
+            raise ValueError("bad render")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.multiprocess
+def test_the_failed_step_is_named_exactly_under_bf16_true_past_its_integer_range():
+    """bf16 holds integers exactly only up to 256 (514 would read as 512 or 516): the status columns are integer
+    views holding the slot, not the step, so this holds in any dtype (16-true's 65,504 limit alike)."""
+    with pytest.raises(Exception, match=r"rank 1 (failed )?while evaluating step 513\b"):
+        _fit(
+            FailsLateOnRankOne(),
+            devices=2,
+            window_size=2,
+            threshold=1.0,
+            max_steps=520,
+            precision="bf16-true",
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_status_columns_hold_exact_integers_in_every_dtype(dtype):
+    from lightning_picard.loop import _checksum, _integers
+
+    rows = torch.zeros(2, 8, dtype=dtype)
+    status = _integers(rows[:, :6])
+    status[:, 3:6] = _checksum(torch.randn(1000).to(dtype))
+    status[1, 0] = 32_000  # far beyond what float16 / bfloat16 hold exactly as values
+    assert _integers(rows)[1, 0].item() == 32_000
+    assert all(0 <= v < 2**15 for v in _integers(rows)[0, 3:6].tolist())
+    changed = torch.randn(1000).to(dtype)
+    assert not torch.equal(
+        _checksum(changed), _checksum(changed.clone().index_fill_(0, torch.tensor([7]), 0.5))
+    )

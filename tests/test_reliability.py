@@ -246,3 +246,25 @@ def test_a_single_rank_fit_leaves_no_launcher_environment_behind():
     )
     trainer.fit(ToyRegression(), regression_data())
     assert {key: os.environ.get(key) for key in launcher} == before
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("devices", "threads"), [(1, None), (2, "2")])
+def test_picard_fork_after_multithreaded_work_in_the_same_process_does_not_hang(devices, threads):
+    """OpenMP is not fork-safe: one rank runs in the launching process, forked ranks use one thread."""
+    script = Path(__file__).parent / "scripts" / "fork_after_threads.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    for key in LAUNCH_ENVIRONMENT:
+        env.pop(key, None)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = threads  # Lightning then leaves the forked ranks' thread count alone
+    try:
+        result = subprocess.run(
+            [sys.executable, str(script), str(devices)], capture_output=True, text=True, timeout=90, env=env
+        )
+    finally:
+        leftover = subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True).stdout.split()
+        for pid in leftover:
+            os.kill(int(pid), signal.SIGKILL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "finished" in result.stdout
