@@ -14,7 +14,7 @@ import lightning_picard as lp
 from tests.toy import ToyRegression, final_parameters, quiet_trainer_kwargs, regression_data
 
 
-def _fit(module, devices=0, window_size=3, threshold=0.0, data=None, **trainer_kwargs):
+def _fit(module, devices=0, window_size=3, threshold=0.0, data=None, val=None, **trainer_kwargs):
     """devices=0: the sequential reference (one device, StepSeed); else Picard on that many ranks."""
     if devices == 0:
         strategy, devices = "auto", 1
@@ -28,7 +28,7 @@ def _fit(module, devices=0, window_size=3, threshold=0.0, data=None, **trainer_k
         )
     trainer_kwargs.setdefault("max_steps", 12)
     trainer = pl.Trainer(devices=devices, strategy=strategy, **quiet_trainer_kwargs(**trainer_kwargs))
-    trainer.fit(module, data if data is not None else regression_data())
+    trainer.fit(module, data if data is not None else regression_data(), val_dataloaders=val)
     return trainer
 
 
@@ -332,3 +332,50 @@ def test_status_columns_hold_exact_integers_in_every_dtype(dtype):
     assert not torch.equal(
         _checksum(changed), _checksum(changed.clone().index_fill_(0, torch.tensor([7]), 0.5))
     )
+
+
+class WithValidation(ToyRegression):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", (self.net(batch[0]) - batch[1]).square().mean())
+
+
+def _progress(trainer):
+    loop = trainer.fit_loop.epoch_loop
+    return {
+        "batch": loop.batch_progress.state_dict(),
+        "val_batch": loop.val_loop.batch_progress.state_dict(),
+        "optimizer_step": loop.automatic_optimization.optim_progress.state_dict(),
+        "global_step": trainer.global_step,
+    }
+
+
+def test_resuming_from_a_checkpoint_written_in_validation_counts_progress_as_lightning(tmp_path):
+    """The restart branch of Lightning's advance: validation is finished or skipped, not run twice."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    progress = {}
+    for name, devices in (("sequential", 0), ("picard", 1)):
+        kwargs = dict(
+            devices=devices,
+            window_size=3,
+            val_check_interval=5,
+            limit_val_batches=2,
+            enable_checkpointing=True,
+        )
+        first = ModelCheckpoint(dirpath=tmp_path / name, save_top_k=-1, filename="{step}")
+        _fit(WithValidation(), max_steps=7, callbacks=[first], val=regression_data(n=8), **kwargs)
+        module = WithValidation()
+        trainer = pl.Trainer(
+            devices=1,
+            max_steps=12,
+            strategy=lp.PicardStrategy(window_size=3, threshold=0.0) if devices else "auto",
+            **quiet_trainer_kwargs(val_check_interval=5, limit_val_batches=2),
+        )
+        trainer.fit(
+            module,
+            regression_data(),
+            val_dataloaders=regression_data(n=8),
+            ckpt_path=tmp_path / name / "step=5.ckpt",
+        )
+        progress[name] = _progress(trainer)
+    assert progress["picard"] == progress["sequential"]
