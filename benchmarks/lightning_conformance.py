@@ -83,7 +83,9 @@ def run(checkout: Path, files: list[str], picard: bool, timeout: float, workdir:
     if picard:
         (workdir / "picard_force.py").write_text(PLUGIN)
         command[3:3] = ["-p", "picard_force"]
-    with contextlib.suppress(subprocess.TimeoutExpired):  # then the report is missing: the file counts as not run
+    with contextlib.suppress(
+        subprocess.TimeoutExpired
+    ):  # then the report is missing: the file counts as not run
         subprocess.run(command, cwd=checkout / "tests", env=env, timeout=timeout, capture_output=True)
     return _outcomes(report) if report.exists() else {}
 
