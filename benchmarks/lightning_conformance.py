@@ -13,7 +13,6 @@ that passes stock and fails under Picard is listed with the first line of its fa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import subprocess
@@ -67,27 +66,33 @@ pl.Trainer.__init__ = _picard_init
 
 
 def run(checkout: Path, files: list[str], picard: bool, timeout: float, workdir: Path) -> dict[str, str]:
-    """Run ``files`` with pytest in ``checkout/tests``; returns test id → "passed" / "failed: …" / "skipped"."""
-    report = workdir / ("picard.xml" if picard else "stock.xml")
+    """Run each of ``files`` with pytest in ``checkout/tests``; returns test id → "passed" / "failed: …" /
+    "skipped", and file → "timeout" for a file that did not finish within ``timeout`` seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(PROJECT), str(workdir)])}
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--continue-on-collection-errors",
-    ]
-    command += [f"--junitxml={report}", *files]
-    if picard:
-        (workdir / "picard_force.py").write_text(PLUGIN)
-        command[3:3] = ["-p", "picard_force"]
-    with contextlib.suppress(
-        subprocess.TimeoutExpired
-    ):  # then the report is missing: the file counts as not run
-        subprocess.run(command, cwd=checkout / "tests", env=env, timeout=timeout, capture_output=True)
-    return _outcomes(report) if report.exists() else {}
+    (workdir / "picard_force.py").write_text(PLUGIN)
+    outcomes: dict[str, str] = {}
+    for index, file in enumerate(files):
+        report = workdir / f"{'picard' if picard else 'stock'}-{index}.xml"
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+            file,
+        ]
+        if picard:
+            command[3:3] = ["-p", "picard_force"]
+        try:
+            subprocess.run(command, cwd=checkout / "tests", env=env, timeout=timeout, capture_output=True)
+        except subprocess.TimeoutExpired:
+            outcomes[file] = "timeout"
+            continue
+        if report.exists():
+            outcomes.update(_outcomes(report))
+    return outcomes
 
 
 def _outcomes(report: Path) -> dict[str, str]:
@@ -124,6 +129,10 @@ def table(stock: dict[str, str], picard: dict[str, str], files: list[str], versi
         picard_passed = [n for n in stock_passed if picard.get(n) == "passed"]
         lost = [n for n in stock_passed if picard.get(n) != "passed"]
         regressions += [(n, picard.get(n, "not run (timeout)")) for n in lost]
+        if stock.get(file) == "timeout" or picard.get(file) == "timeout":
+            which = "stock" if stock.get(file) == "timeout" else "Picard"
+            lines.append(f"| `{file}` | {len(stock_passed)} | {which} run timed out | |")
+            continue
         if not in_file or all(stock[n].startswith("failed") for n in in_file):
             lines.append(f"| `{file}` | not collected (a test dependency is missing) | | |")
             continue
@@ -144,7 +153,7 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="write the Markdown table here (default: print)"
     )
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per run (stock, Picard)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per file and run")
     parser.add_argument("--tests-version", default="the checkout", help="the checkout's tag, for the table")
     args = parser.parse_intermixed_args()
     import lightning

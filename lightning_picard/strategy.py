@@ -15,7 +15,6 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -47,10 +46,9 @@ _LAUNCH_ENVIRONMENT = (
     "OMP_NUM_THREADS",
 )
 
-PRIVATE_API: tuple[tuple[str, str], ...] = (
-    ("lightning.pytorch.strategies.launchers.subprocess_script", "_SubprocessScriptLauncher"),
-)
-"""(module, name) pairs of private Lightning API this module relies on (besides DDPStrategy's ``_layer_sync``)."""
+PRIVATE_API: tuple[tuple[str, str], ...] = ()
+"""(module, name) pairs of private Lightning API this module imports; it also reads DDPStrategy's ``_layer_sync``
+and sets ``_launcher`` (checked by the contract test)."""
 
 DEFAULT_TIMEOUT = timedelta(minutes=5)
 """How long a collective waits for a rank that stopped answering before every rank is stopped."""
@@ -351,10 +349,10 @@ class PicardStrategy(DDPStrategy):
     @override
     def _configure_launcher(self) -> None:
         self._environment_before_launch = {key: os.environ.get(key) for key in _LAUNCH_ENVIRONMENT}
-        if self._start_method != "popen" and self.num_processes == 1 and self.num_nodes == 1:
-            # One rank needs no new process: run in this one (forking after multi-threaded work can deadlock in
-            # OpenMP, and the caller gets the trained Trainer back).
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, 1, 1)
+        if self.num_processes == 1 and self.num_nodes == 1:
+            # One rank needs no launcher: it runs in this process (forking after multi-threaded work can deadlock in
+            # OpenMP, the caller gets the trained Trainer back, and no process-observer thread is left behind).
+            self._launcher = None
             return
         super()._configure_launcher()
 

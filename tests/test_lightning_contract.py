@@ -57,6 +57,7 @@ def test_strategy_hooks_overridden_by_picard_exist():
     ):
         assert callable(getattr(DDPStrategy, name, None)), name
     assert hasattr(DDPStrategy(), "_layer_sync"), "sync_batchnorm is refused through it"
+    assert hasattr(DDPStrategy(), "_launcher"), "one rank runs without a launcher"
 
 
 def test_result_metric_internals_used_to_apply_accepted_steps():
