@@ -124,7 +124,7 @@ def table(stock: dict[str, str], picard: dict[str, str], files: list[str], versi
     regressions = []
     for file in files:
         stem = file.removesuffix(".py")
-        in_file = [name for name in stock if name.startswith(stem)]
+        in_file = [name for name in stock if name.startswith(f"{stem}.py")]
         stock_passed = [n for n in in_file if stock[n] == "passed"]
         picard_passed = [n for n in stock_passed if picard.get(n) == "passed"]
         lost = [n for n in stock_passed if picard.get(n) != "passed"]

@@ -22,7 +22,7 @@ from lightning.pytorch.loops.optimization.automatic import ClosureResult
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
@@ -333,6 +333,10 @@ class PicardEpochLoop(_TrainingEpochLoop):
                     )
                     if result.closure_loss is not None:
                         call._call_strategy_hook(trainer, "backward", result.closure_loss, optimizer)
+                    else:
+                        _warnings.warn(
+                            "`training_step` returned `None`. If this was on purpose, ignore this warning..."
+                        )
                     window.check_step_outputs(j, step)
             except Exception as error:
                 status[strategy.local_row(j), _FAILED_SLOT] = j + 1
@@ -418,7 +422,8 @@ class PicardEpochLoop(_TrainingEpochLoop):
         if self.trainer.world_size == 1:
             return
         fingerprint = torch.tensor([_fingerprint(batch) for batch in self._batches[:n]], dtype=torch.float64)
-        gathered = self.strategy.all_gather(fingerprint.to(self.strategy.root_device)).cpu()
+        local = fingerprint.reshape(1, -1).to(self.strategy.root_device)
+        gathered = self.strategy.gather_rows(local).cpu().reshape(self.trainer.world_size, n, -1)
         for rank in range(1, gathered.shape[0]):
             if not torch.equal(gathered[rank], gathered[0]):
                 index = int((gathered[rank] != gathered[0]).any(dim=-1).nonzero()[0])
@@ -539,6 +544,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
             rank_zero_info(f"Picard resume: {window.load_state_dict(state_dict['picard'])}.")
 
 
+_warnings = WarningCache()  # Lightning's own warnings, once each
 _FAILED_SLOT = 0  # slot + 1 of the evaluation that raised on this rank, 0 if none
 _NONFINITE = 1  # 1 if the slot's gradient has a NaN or inf
 _STOP = 2  # 1 if the slot's training_step set trainer.should_stop
