@@ -379,3 +379,8 @@ def test_resuming_from_a_checkpoint_written_in_validation_counts_progress_as_lig
         )
         progress[name] = _progress(trainer)
     assert progress["picard"] == progress["sequential"]
+
+
+def test_step_seed_leaves_no_seeded_rng_behind_when_an_epoch_is_skipped():
+    _fit(EpochScheduled(4), max_steps=-1, max_epochs=2)
+    assert lp.current_step_seed() is None
