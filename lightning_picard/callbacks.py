@@ -62,6 +62,14 @@ class StepSeed(Callback):
             run_after_optimizer_step(pl_module, self.seed, trainer.global_step - 1, validate=True)
 
     @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()  # on_train_batch_start returned -1: that batch has no on_train_batch_end
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,12 +22,12 @@ from lightning.pytorch.loops.optimization.automatic import ClosureResult
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
 from lightning_picard import rng
-from lightning_picard.errors import PicardRankError
+from lightning_picard.errors import PicardRankError, PicardReplicaError
 from lightning_picard.hooks import picard_parameters, run_after_optimizer_step
 from lightning_picard.picard import Resize, RoundResult, aggregate_errors
 
@@ -88,6 +90,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
         self._gathered: torch.Tensor | None = None
         self._resume_skip = 0
         self._fingerprint_checked = False
+        self._logged: dict[int, list[tuple[str, Any, int]]] = {}
 
     @property
     def strategy(self) -> PicardStrategy:
@@ -110,15 +113,6 @@ class PicardEpochLoop(_TrainingEpochLoop):
     @override
     def on_run_start(self, data_fetcher: _DataFetcher) -> None:
         super().on_run_start(data_fetcher)
-        batches = self.trainer.num_training_batches
-        window_size = self.strategy.window_size
-        if batches != float("inf") and batches < window_size:
-            raise MisconfigurationException(
-                f"The train dataloader has {batches} batches per epoch but PicardStrategy(window_size={window_size}): "
-                "a window never spans two epochs, so rounds could never fill their slots. Use a dataloader with "
-                "at least window_size batches (for example a step-indexed dataset of length max_steps) or a "
-                "smaller window_size."
-            )
         loaders = self.trainer.fit_loop._combined_loader.flattened
         resumable = all(isinstance(loader, _Stateful) for loader in loaders)
         if self.restarting and not resumable and self.batch_progress.current.ready > 0:
@@ -128,6 +122,16 @@ class PicardEpochLoop(_TrainingEpochLoop):
 
     @override
     def advance(self, data_fetcher: _DataFetcher) -> None:
+        if self.restarting and self._should_check_val_fx(data_fetcher):
+            # As Lightning's own loop after a checkpoint written during validation: finish it, or skip it.
+            if self.val_loop.restarted_mid_evaluation:
+                return
+            if self.restarted_on_last:
+                self._skip_next_val = True
+                return
+            self.val_loop.increment_progress_to_evaluation_end()
+        self.val_loop.restarting = False
+
         if isinstance(data_fetcher, _DataLoaderIterDataFetcher):
             raise MisconfigurationException(
                 "PicardStrategy needs the batch of each step; a training_step taking `dataloader_iter` is not "
@@ -144,7 +148,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
         tau = self.global_step
         first_batch_idx = self.batch_idx + 1
         limit = self._window_limit(tau, first_batch_idx)
-        self._fill(data_fetcher, limit)
+        self._fill(data_fetcher, limit, first_batch_idx)
         if not self._batches:
             raise StopIteration
         n = min(limit, len(self._batches))
@@ -155,8 +159,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
         response = call._call_lightning_module_hook(trainer, "on_train_batch_start", batch, first_batch_idx)
         call._call_strategy_hook(trainer, "on_train_batch_start", batch, first_batch_idx)
         if response == -1:
-            self.batch_progress.increment_by(0, is_last_batch=True)
-            raise StopIteration
+            self._skip_rest_of_epoch()
 
         if not self._fingerprint_checked:
             self._check_same_batches(n, tau)
@@ -166,12 +169,16 @@ class PicardEpochLoop(_TrainingEpochLoop):
         with trainer.profiler.profile("picard_gather"):
             gathered = self.strategy.gather_rows(self._local_rows, out=self._gathered)
         header = _STATUS_COLUMNS + self.strategy.flat.header
-        head = gathered[:, :header].tolist()  # host read after the gather: slot status and presence flags
-        self._raise_if_a_rank_failed(head, failure)
+        head = _integers(gathered[:, :header]).tolist()  # one host read per round: status and presence flags
+        self._raise_if_a_rank_failed(head, failure, tau)
+        _raise_if_replicas_differ(head, tau, self.strategy.slots_per_rank)
         rows = [self.strategy.gathered_row(j) for j in range(n)]
         nonfinite = [j for j in range(n) if head[rows[j]][_NONFINITE]]
         if nonfinite and nonfinite[0] > 0:
             n = nonfinite[0]  # a guess with a non-finite gradient is not on the true trajectory
+        stops = [j for j in range(n) if head[rows[j]][_STOP]]
+        if stops:
+            n = stops[0] + 1  # training stops after the step that asked for it, if that step is accepted
         with trainer.profiler.profile("picard_replay"):
             result = self.strategy.window.run_round(
                 tau,
@@ -187,7 +194,11 @@ class PicardEpochLoop(_TrainingEpochLoop):
         skip = result.skip
         del self._batches[:skip]
         self._count_steps(skip)
+        self._apply_logged(skip)
         self._log_round(result, len(nonfinite))
+        if stops and skip == n:
+            trainer.should_stop = True
+        outputs = self._round_outputs(outputs)
 
         if self._num_ready_batches_reached():
             self.update_lr_schedulers("epoch", update_plateau_schedulers=False)
@@ -199,6 +210,17 @@ class PicardEpochLoop(_TrainingEpochLoop):
         trainer._logger_connector.on_batch_end()
         self.batch_progress.increment_completed()
         self._send_to_loggers(tau, skip)
+
+    def _skip_rest_of_epoch(self) -> None:
+        """``on_train_batch_start`` returned -1: end the epoch as Lightning does, the batch counted but not run."""
+        self.batch_progress.increment_ready()
+        self.batch_progress.increment_by(0, is_last_batch=True)
+        self.batch_progress.increment_processed()
+        self.update_lr_schedulers("step", update_plateau_schedulers=False)
+        if self._num_ready_batches_reached():
+            self.update_lr_schedulers("epoch", update_plateau_schedulers=False)
+        self._batches.clear()
+        raise StopIteration
 
     def _count_steps(self, skip: int) -> None:
         """Advance Lightning's progress counters by ``skip`` steps, leaving the last batch not yet completed.
@@ -215,10 +237,14 @@ class PicardEpochLoop(_TrainingEpochLoop):
         self.scheduler_progress.increment_by(skip * len(self.trainer.lr_scheduler_configs))
 
     def _window_limit(self, tau: int, first_batch_idx: int) -> int:
-        """Slots this round: the window size, cut so the window never jumps over a step where something
-        must happen (max_steps, a ModelCheckpoint every_n_train_steps multiple, a validation check)."""
+        """Slots this round: the window size, cut at the end of the epoch and so that the window never jumps over
+        a step where something must happen (max_steps, a ModelCheckpoint every_n_train_steps multiple, a
+        validation check)."""
         trainer = self.trainer
         limit = self.strategy.window_size
+        batches = trainer.num_training_batches
+        if batches != float("inf"):
+            limit = min(limit, int(batches) - first_batch_idx)  # a window never spans two epochs
         if self.max_steps >= 0:
             limit = min(limit, self.max_steps - tau)
         for checkpoint in trainer.checkpoint_callbacks:
@@ -233,7 +259,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
             limit = min(limit, val_every - done % val_every)
         return max(limit, 1)
 
-    def _fill(self, data_fetcher: _DataFetcher, n: int) -> None:
+    def _fill(self, data_fetcher: _DataFetcher, n: int, first_batch_idx: int) -> None:
         """Buffer batches until ``n`` steps are available or the epoch's data is exhausted."""
         trainer = self.trainer
         if self._resume_skip:
@@ -248,16 +274,24 @@ class PicardEpochLoop(_TrainingEpochLoop):
                 self._exhausted = True
                 break
             self._exhausted = data_fetcher.done
+            if batch is None:
+                raise MisconfigurationException(
+                    f"The train dataloader yielded None at batch {first_batch_idx + len(self._batches)}. "
+                    "PicardStrategy evaluates every step, so every batch must be data (Lightning would skip a None "
+                    "batch without an optimizer step). Filter the None batches out in the dataset or collate_fn."
+                )
             batch = trainer.precision_plugin.convert_input(batch)
             batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)
             batch = call._call_strategy_hook(trainer, "batch_to_device", batch, dataloader_idx=0)
             self._batches.append(batch)
 
-    def _evaluate_slots(self, n: int, tau: int, first_batch_idx: int) -> tuple[Any, BaseException | None]:
+    def _evaluate_slots(
+        self, n: int, tau: int, first_batch_idx: int
+    ) -> tuple[dict[int, Any], BaseException | None]:
         """Gradients of this rank's slots into its local rows.
 
-        Returns the last evaluated slot's output and the exception that stopped the evaluation, if any: an
-        exception is recorded in the rows' status column so that every rank learns of it at the gather.
+        Returns this rank's slot outputs by slot and the exception that stopped the evaluation, if any: an
+        exception is recorded in the rows' status columns so that every rank learns of it at the gather.
         """
         trainer = self.trainer
         strategy = self.strategy
@@ -265,58 +299,108 @@ class PicardEpochLoop(_TrainingEpochLoop):
         row_length = _STATUS_COLUMNS + flat.header + max(window.slot_numel(j) for j in range(n))
         if self._local_rows is None or self._local_rows.shape[1] != row_length:
             self._gathered, self._local_rows = strategy.new_gather_buffer(row_length, flat.flat)
-        self._local_rows[:, :_STATUS_COLUMNS] = 0
+        status = _integers(self._local_rows[:, :_STATUS_COLUMNS])
+        status.zero_()
+        status[:, _CHECKSUM : _CHECKSUM + _CHECKSUM_COLUMNS] = _checksum(window.guess(0))
         optimizer = trainer.optimizers[0]
-        output: Any = None
+        results = trainer._results
+        outputs: dict[int, Any] = {}
+        self._logged = {}
         for j in strategy.owned_slots(n):
             window.load(j)
             step, batch_idx = tau + j, first_batch_idx + j
             row = self._local_rows[strategy.local_row(j)]
             self._evaluating_step = step
+            stop_before = trainer.should_stop
+            results.batch, results.batch_size = self._batches[j], None  # for the batch size of self.log
+            self._logged[j] = logged = []
             try:
-                with rng.step_rng(strategy.seed, step):
+                with (
+                    rng.step_rng(strategy.seed, step),
+                    strategy.slot_evaluation(),
+                    _recording(results, logged),
+                ):
                     kwargs = self._build_kwargs(OrderedDict(), self._batches[j], batch_idx)
                     step_output = call._call_strategy_hook(trainer, "training_step", *kwargs.values())
                     strategy.post_training_step()
                     result = ClosureResult.from_training_step_output(
                         step_output, trainer.accumulate_grad_batches
                     )
-                    if result.closure_loss is None:
-                        raise MisconfigurationException(
-                            f"training_step returned no loss at step {step}. PicardStrategy needs a loss at every "
-                            "step: return a tensor or a dict with a 'loss' key (skipping steps is not supported)."
-                        )
+                    # As Lightning: zero_grad, then backward unless training_step returned None (a step with no
+                    # update: every gradient is None; the optimizer step and the schedulers still run).
                     call._call_lightning_module_hook(
                         trainer, "optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer
                     )
-                    call._call_strategy_hook(trainer, "backward", result.closure_loss, optimizer)
+                    if result.closure_loss is not None:
+                        call._call_strategy_hook(trainer, "backward", result.closure_loss, optimizer)
+                    else:
+                        _warnings.warn(
+                            "`training_step` returned `None`. If this was on purpose, ignore this warning..."
+                        )
                     window.check_step_outputs(j, step)
             except Exception as error:
-                row[_FAILED_STEP] = step + 1
+                status[strategy.local_row(j), _FAILED_SLOT] = j + 1
                 error.picard_step = step  # type: ignore[attr-defined]
                 window.load(0)
-                return output, error
+                results.batch = self._batches[0]
+                return outputs, error
             finally:
                 self._evaluating_step = None
+            if trainer.should_stop and not stop_before:
+                status[strategy.local_row(j), _STOP] = 1  # honoured only if this step is accepted
+                trainer.should_stop = stop_before
             gradient = row[_STATUS_COLUMNS : _STATUS_COLUMNS + flat.row_length]
             flat.write_gradients(gradient)
-            row[_NONFINITE] = _has_nonfinite(gradient[flat.header :])
+            status[strategy.local_row(j), _NONFINITE] = _has_nonfinite(gradient[flat.header :])
             if window.buffers is not None and window.buffers.outputs:
                 window.buffers.write_outputs(row[_STATUS_COLUMNS + flat.row_length :])
-            output = result.asdict()
+            outputs[j] = result.asdict() if result.closure_loss is not None else {}
             # Drop the graph before the next slot: its leaf nodes remember the parameters' shapes, and the
             # next slot's guess may have other shapes (a module that changes dimensions).
             del step_output, result
         window.load(0)
-        return output, None
+        results.batch = self._batches[0]
+        return outputs, None
 
-    def _raise_if_a_rank_failed(self, head: list[list[float]], failure: BaseException | None) -> None:
+    def _apply_logged(self, skip: int) -> None:
+        """Let the values ``self.log`` recorded at this rank's accepted slots reach Lightning's results, in step
+        order, so that epoch aggregates hold exactly the accepted steps (speculative ones are evaluated again).
+
+        Step-level values stay those of this rank's first accepted step (step τ on rank 0, the logged step).
+        """
+        results = self.trainer._results
+        stepped: set[str] = set()
+        with self.strategy.slot_evaluation():  # a logged step was computed on one rank: sync_dist is per step
+            for j in sorted(j for j in self._logged if j < skip):
+                for key, value, batch_size in self._logged[j]:
+                    metric = results[key]
+                    if metric.meta.on_step and key in stepped:
+                        if not metric.meta.on_epoch:
+                            continue
+                        cache = metric._forward_cache
+                        results.update_metrics(key, value, batch_size)
+                        metric._forward_cache = cache
+                    else:
+                        results.update_metrics(key, value, batch_size)
+                        stepped.add(key)
+        self._logged = {}
+
+    def _round_outputs(self, outputs: dict[int, Any]) -> Any:
+        """What ``on_train_batch_end`` receives: the output of step τ, on every rank (sent by rank 0)."""
+        strategy = self.strategy
+        if strategy.world_size == 1:
+            return outputs.get(0)
+        local = apply_to_collection(outputs.get(0), torch.Tensor, lambda t: t.detach().cpu())
+        shared = strategy.broadcast(local, src=0)
+        return apply_to_collection(shared, torch.Tensor, lambda t: t.to(strategy.root_device))
+
+    def _raise_if_a_rank_failed(self, head: list[list[int]], failure: BaseException | None, tau: int) -> None:
         """If any rank's evaluation raised, every rank raises a :class:`PicardRankError` naming rank and step."""
         strategy = self.strategy
         failed = [
-            (int(row[_FAILED_STEP]) - 1, index // strategy.slots_per_rank)
+            (tau + row[_FAILED_SLOT] - 1, index // strategy.slots_per_rank)
             for index, row in enumerate(head)
-            if row[_FAILED_STEP]
+            if row[_FAILED_SLOT]
         ]
         if not failed:
             return
@@ -338,7 +422,8 @@ class PicardEpochLoop(_TrainingEpochLoop):
         if self.trainer.world_size == 1:
             return
         fingerprint = torch.tensor([_fingerprint(batch) for batch in self._batches[:n]], dtype=torch.float64)
-        gathered = self.strategy.all_gather(fingerprint.to(self.strategy.root_device)).cpu()
+        local = fingerprint.reshape(1, -1).to(self.strategy.root_device)
+        gathered = self.strategy.gather_rows(local).cpu().reshape(self.trainer.world_size, n, -1)
         for rank in range(1, gathered.shape[0]):
             if not torch.equal(gathered[rank], gathered[0]):
                 index = int((gathered[rank] != gathered[0]).any(dim=-1).nonzero()[0])
@@ -353,7 +438,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
         """Raise if the module's Picard parameters are not the objects (or, with ``storage``, the buffer) we hold."""
         flat = self.strategy.flat
         module = self.trainer.lightning_module
-        current = picard_parameters(module)
+        current = [p for p in picard_parameters(module) if self.strategy.is_picard_parameter(p)]
         if len(current) != len(flat.params) or any(a is not b for a, b in zip(current, flat.params)):
             raise MisconfigurationException(
                 "The module's trainable parameters changed during fit (a parameter was added, replaced or had "
@@ -436,7 +521,12 @@ class PicardEpochLoop(_TrainingEpochLoop):
         crossed = every > 0 and (tau + skip) // every > tau // every
         if crossed or trainer.should_stop or trainer.fast_dev_run:
             connector = trainer._logger_connector
-            connector.log_metrics(connector.metrics["log"], step=tau)
+            stepped = self._batches_that_stepped
+            self._batches_that_stepped = tau  # Lightning's default step, next to its `epoch` metric
+            try:
+                connector.log_metrics(connector.metrics["log"])
+            finally:
+                self._batches_that_stepped = stepped
 
     @override
     def on_save_checkpoint(self) -> dict:
@@ -454,9 +544,49 @@ class PicardEpochLoop(_TrainingEpochLoop):
             rank_zero_info(f"Picard resume: {window.load_state_dict(state_dict['picard'])}.")
 
 
-_STATUS_COLUMNS = 2  # at the start of each gathered row, before the presence flags and the gradients
-_FAILED_STEP = 0  # step + 1 of the evaluation that raised on this rank, 0 if none
+_warnings = WarningCache()  # Lightning's own warnings, once each
+_FAILED_SLOT = 0  # slot + 1 of the evaluation that raised on this rank, 0 if none
 _NONFINITE = 1  # 1 if the slot's gradient has a NaN or inf
+_STOP = 2  # 1 if the slot's training_step set trainer.should_stop
+_CHECKSUM = 3  # the anchor's checksum in 15-bit pieces, the same in every row of a rank
+_CHECKSUM_COLUMNS = 3
+_STATUS_COLUMNS = 6  # at the start of each gathered row, before the presence flags and the gradients
+_INTEGER_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _integers(values: torch.Tensor) -> torch.Tensor:
+    """``values`` viewed as integers of the same width: the status columns hold exact integers in any dtype."""
+    return values.view(_INTEGER_VIEW[values.element_size()])
+
+
+def _checksum(anchor: torch.Tensor) -> torch.Tensor:
+    """A checksum of the anchor's bits as ``_CHECKSUM_COLUMNS`` integers below 2**15, on the device."""
+    total = _integers(anchor).sum(dtype=torch.int64)
+    shifts = torch.arange(_CHECKSUM_COLUMNS, device=anchor.device, dtype=torch.int64) * 15
+    return (total >> shifts) & 0x7FFF
+
+
+def _raise_if_replicas_differ(head: list[list[int]], tau: int, slots_per_rank: int) -> None:
+    """Every rank holds the same anchor bit for bit; raise on every rank (they all read ``head``) if not."""
+    columns = slice(_CHECKSUM, _CHECKSUM + _CHECKSUM_COLUMNS)
+    reference = head[0][columns]
+    for index in range(0, len(head), slots_per_rank):
+        if head[index][columns] != reference:
+            raise PicardReplicaError(index // slots_per_rank, tau)
+
+
+@contextmanager
+def _recording(results: Any, logged: list[tuple[str, Any, int]]) -> Iterator[None]:
+    """Record the ``self.log`` updates of one slot in ``logged`` instead of applying them to ``results``."""
+
+    def record(key: str, value: Any, batch_size: int) -> None:
+        logged.append((key, value.clone() if isinstance(value, torch.Tensor) else value, batch_size))
+
+    results.update_metrics = record  # shadows the method during this slot only
+    try:
+        yield
+    finally:
+        del results.update_metrics
 
 
 def _fingerprint(batch: Any) -> list[float]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -15,6 +17,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_picard import rng
@@ -42,6 +45,10 @@ _LAUNCH_ENVIRONMENT = (
     "RANK",
     "OMP_NUM_THREADS",
 )
+
+PRIVATE_API: tuple[tuple[str, str], ...] = ()
+"""(module, name) pairs of private Lightning API this module imports; it also reads DDPStrategy's ``_layer_sync``
+and sets ``_launcher`` (checked by the contract test)."""
 
 DEFAULT_TIMEOUT = timedelta(minutes=5)
 """How long a collective waits for a rank that stopped answering before every rank is stopped."""
@@ -148,6 +155,8 @@ class PicardStrategy(DDPStrategy):
         self.window: PicardWindow | None = None
         self.flat: FlatParameters | None = None
         self.snapshot: OptimizerSnapshot | None = None
+        self._slot_depth = 0
+        self._fixed_parameters: set[int] = set()
 
     @property
     def window_size(self) -> int:
@@ -174,6 +183,7 @@ class PicardStrategy(DDPStrategy):
         if fitting:
             check_trainer_supported(trainer)
             _require_automatic_optimization(trainer.lightning_module)
+            _refuse_sync_batchnorm(self, trainer.lightning_module)
         try:
             super().setup(trainer)
         except RuntimeError as error:
@@ -185,7 +195,16 @@ class PicardStrategy(DDPStrategy):
         module = trainer.lightning_module
         self._check_optimization(trainer)
         self._synchronize_initial_state(module)
+        optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
         named = picard_named_parameters(module)
+        fixed = [name for name, p in named if id(p) not in optimized]
+        if fixed:
+            rank_zero_info(
+                f"Picard: trainable parameters {fixed[:5]}{' …' if len(fixed) > 5 else ''} are in no optimizer; as in "
+                "Lightning they are never stepped, so they are not Picard state."
+            )
+        self._fixed_parameters = {id(p) for name, p in named if id(p) not in optimized}
+        named = [(name, p) for name, p in named if id(p) in optimized]
         self.flat = FlatParameters([p for _, p in named], [name for name, _ in named])
         buffers, outputs = picard_buffers(module), picard_step_outputs(module)
         self.window = PicardWindow(
@@ -254,6 +273,69 @@ class PicardStrategy(DDPStrategy):
             self.window.abort_round()
         super().on_exception(exception)
 
+    def is_picard_parameter(self, parameter: torch.nn.Parameter) -> bool:
+        """Whether a trainable, non-local parameter is Picard state (False for those in no optimizer)."""
+        return id(parameter) not in self._fixed_parameters
+
+    @contextmanager
+    def slot_evaluation(self) -> Iterator[None]:
+        """While a slot is evaluated on one rank (``training_step``, backward and their hooks), collectives see that
+        rank alone: the step is computed once, by one rank, as in a sequential run.
+
+        ``reduce`` returns its input (a step's value, as on one device), ``broadcast`` returns ``obj``,
+        ``barrier`` does nothing, ``reduce_boolean_decision`` returns the decision, and ``all_gather`` raises:
+        its result would have one entry per rank, which a step computed on one rank does not have.
+        """
+        self._slot_depth += 1
+        try:
+            yield
+        finally:
+            self._slot_depth -= 1
+
+    @property
+    def evaluating_slot(self) -> bool:
+        """Whether a slot is being evaluated (see :meth:`slot_evaluation`)."""
+        return self._slot_depth > 0
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        if self.evaluating_slot:
+            return tensor
+        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if self.evaluating_slot:
+            return obj
+        return super().broadcast(obj, src=src)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if self.evaluating_slot:
+            return
+        super().barrier(*args, **kwargs)
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        if self.evaluating_slot:
+            return decision
+        return super().reduce_boolean_decision(decision, all=all)
+
+    @override
+    def all_gather(
+        self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False
+    ) -> torch.Tensor:
+        if self.evaluating_slot:
+            hook = getattr(self.lightning_module, "_current_fx_name", None) or "training_step"
+            raise MisconfigurationException(
+                f"all_gather was called in `{hook}` while PicardStrategy evaluated a step on one rank: each step is "
+                "computed once, by one rank, so there is nothing to gather from the others (and ranks evaluate "
+                "different numbers of steps). Use the step's own values; for metrics, self.log(...) with or without "
+                "sync_dist works (Picard applies each accepted step's value once). Gather in on_train_batch_end or "
+                "at epoch end instead, where every rank takes part."
+            )
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
     def owned_slots(self, n: int) -> list[int]:
         """The slots among the first ``n`` that this rank evaluates, last first (slot 0 is evaluated last)."""
         return [j for j in range(n) if j % self.world_size == self.global_rank][::-1]
@@ -291,7 +373,25 @@ class PicardStrategy(DDPStrategy):
     @override
     def _configure_launcher(self) -> None:
         self._environment_before_launch = {key: os.environ.get(key) for key in _LAUNCH_ENVIRONMENT}
+        if self.num_processes == 1 and self.num_nodes == 1:
+            # One rank needs no launcher: it runs in this process (forking after multi-threaded work can deadlock in
+            # OpenMP, the caller gets the trained Trainer back, and no process-observer thread is left behind).
+            self._launcher = None
+            return
         super()._configure_launcher()
+
+    @override
+    def setup_environment(self) -> None:
+        if self._start_method == "fork" and self.num_processes > 1 and _parent_was_multithreaded():
+            # OpenMP is not fork-safe: a child forked from a process whose thread pool ran deadlocks in its first
+            # parallel region. One intra-op thread never enters one.
+            torch.set_num_threads(1)
+            rank_zero_warn(
+                "picard_fork: the launching process already ran multi-threaded work, so each forked rank uses one "
+                "CPU thread (OpenMP is not fork-safe). Use strategy='picard' or 'picard_spawn' for multi-threaded "
+                "ranks."
+            )
+        super().setup_environment()
 
     @override
     def setup_distributed(self) -> None:
@@ -333,6 +433,24 @@ _ONE_OPTIMIZER = (
 )
 
 
+def _parent_was_multithreaded() -> bool:
+    """In a forked child: whether the parent process runs more than one thread (True where this is unknown)."""
+    try:
+        return len(os.listdir(f"/proc/{os.getppid()}/task")) > 1
+    except OSError:
+        return True
+
+
+def _refuse_sync_batchnorm(strategy: PicardStrategy, module: pl.LightningModule) -> None:
+    synced = [name for name, m in module.named_modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    if getattr(strategy, "_layer_sync", None) is not None or synced:
+        raise MisconfigurationException(
+            "PicardStrategy does not support sync_batchnorm / torch.nn.SyncBatchNorm: it all-reduces batch statistics "
+            "inside training_step, but each Picard step is evaluated on one rank (ranks evaluate different steps). "
+            "Use Trainer(sync_batchnorm=False) and plain BatchNorm (each step sees its whole batch), or GroupNorm."
+        )
+
+
 def _check_optimizer_covers_module(optimizer: torch.optim.Optimizer, module: pl.LightningModule) -> None:
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     local = {id(p) for p in local_parameters(module)}
@@ -342,17 +460,8 @@ def _check_optimizer_covers_module(optimizer: torch.optim.Optimizer, module: pl.
             "Rank-local parameters must have their own optimizer, stepped by the module (e.g. in "
             "on_after_backward); remove them from the main optimizer."
         )
-    trainable = {
-        id(p): name for name, p in module.named_parameters() if p.requires_grad and id(p) not in local
-    }
-    missing = [name for key, name in trainable.items() if key not in optimized]
+    trainable = {id(p) for p in module.parameters() if p.requires_grad and id(p) not in local}
     foreign = [key for key in optimized if key not in trainable]
-    if missing:
-        raise MisconfigurationException(
-            f"Trainable parameters {missing[:5]}{' …' if len(missing) > 5 else ''} are not in the optimizer: the "
-            "module's parameters changed after configure_optimizers, or were left out of it. Picard replays the "
-            "optimizer over every trainable parameter: add them to the optimizer or set requires_grad_(False)."
-        )
     frozen = {id(p) for p in module.parameters() if not p.requires_grad}
     if any(key not in frozen for key in foreign):
         raise MisconfigurationException(

@@ -75,11 +75,6 @@ class TwoOptimizers(ToyRegression):
         ]
 
 
-class NoLoss(ToyRegression):
-    def training_step(self, batch, batch_idx):
-        return None
-
-
 class IterTrainingStep(ToyRegression):
     def training_step(self, dataloader_iter):
         batch, _, _ = next(dataloader_iter)
@@ -97,7 +92,6 @@ class IterTrainingStep(ToyRegression):
             {"plugins": [MixedPrecision("16-mixed", "cpu")]},
             "does not support precision='16-mixed'",
         ),
-        (NoLoss, {}, "returned no loss at step"),
         (IterTrainingStep, {}, "dataloader_iter"),
     ],
 )

@@ -1,0 +1,386 @@
+"""Lightning's own behaviour under PicardStrategy: each test compares a Picard run with the plain Lightning run."""
+
+from datetime import timedelta
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader
+
+import lightning_picard as lp
+from tests.toy import ToyRegression, final_parameters, quiet_trainer_kwargs, regression_data
+
+
+def _fit(module, devices=0, window_size=3, threshold=0.0, data=None, val=None, **trainer_kwargs):
+    """devices=0: the sequential reference (one device, StepSeed); else Picard on that many ranks."""
+    if devices == 0:
+        strategy, devices = "auto", 1
+        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), lp.StepSeed(0)]
+    else:
+        strategy = lp.PicardStrategy(
+            window_size=window_size,
+            threshold=threshold,
+            start_method="fork" if devices > 1 else "popen",
+            timeout=timedelta(seconds=60),
+        )
+    trainer_kwargs.setdefault("max_steps", 12)
+    trainer = pl.Trainer(devices=devices, strategy=strategy, **quiet_trainer_kwargs(**trainer_kwargs))
+    trainer.fit(module, data if data is not None else regression_data(), val_dataloaders=val)
+    return trainer
+
+
+class StopsAtBatchFour(ToyRegression):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 4:
+            self.trainer.should_stop = True
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_should_stop_set_in_training_step_stops_after_that_step(threshold):
+    """A speculative slot that sets the flag must not stop training; the accepted step does, after its update."""
+    reference = StopsAtBatchFour()
+    sequential = _fit(reference, max_steps=-1, max_epochs=1)
+    module = StopsAtBatchFour()
+    trainer = _fit(module, devices=1, window_size=4, threshold=threshold, max_steps=-1, max_epochs=1)
+    assert trainer.global_step == sequential.global_step == 5
+    assert trainer.current_epoch == sequential.current_epoch == 1
+    if threshold == 0.0:
+        assert torch.equal(final_parameters(module), final_parameters(reference))
+
+
+class EpochScheduled(ToyRegression):
+    def __init__(self, skip_at):
+        super().__init__(step_lr=False)
+        self.skip_at = skip_at
+
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if batch_idx == self.skip_at else None
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1)]
+
+
+@pytest.mark.parametrize("skip_at", [0, 4, 8])
+def test_on_train_batch_start_returning_minus_one_ends_the_epoch_as_lightning_does(skip_at):
+    """The hook runs once per round, at step τ; with every guess accepted the rounds start at 0, 4, 8."""
+    sequential = _fit(EpochScheduled(skip_at), max_steps=-1, max_epochs=3)
+    trainer = _fit(
+        EpochScheduled(skip_at), devices=1, window_size=4, threshold=1.0, max_steps=-1, max_epochs=3
+    )
+    assert trainer.fit_loop.batch_idx == sequential.fit_loop.batch_idx == skip_at
+    assert trainer.global_step == sequential.global_step == 3 * skip_at
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == sequential.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.1**3)
+    assert trainer.is_last_batch
+
+
+class LogsStep(ToyRegression):
+    def __init__(self, sync_dist=False):
+        super().__init__()
+        self.sync_dist = sync_dist
+
+    def training_step(self, batch, batch_idx):
+        step = torch.tensor(float(self.global_step))
+        self.log("step_mean", step, on_step=False, on_epoch=True, sync_dist=self.sync_dist)
+        self.log("step_sum", step, on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=self.sync_dist)
+        self.log("step_max", step, on_step=False, on_epoch=True, reduce_fx="max", sync_dist=self.sync_dist)
+        self.log("ones", 1.0, on_step=True, on_epoch=True, reduce_fx="sum", sync_dist=self.sync_dist)
+        return super().training_step(batch, batch_idx)
+
+
+def _epoch_metrics(trainer):
+    return {
+        k: trainer.callback_metrics[k].item() for k in ("step_mean", "step_sum", "step_max", "ones_epoch")
+    }
+
+
+def test_epoch_aggregates_hold_only_accepted_steps():
+    expected = _epoch_metrics(_fit(LogsStep(), max_steps=-1, max_epochs=1, data=regression_data(n=40)))
+    assert expected == {"step_mean": 4.5, "step_sum": 45.0, "step_max": 9.0, "ones_epoch": 10.0}
+    picard = _fit(
+        LogsStep(), devices=1, window_size=4, max_steps=-1, max_epochs=1, data=regression_data(n=40)
+    )
+    assert _epoch_metrics(picard) == expected
+    assert picard.callback_metrics["picard/rounds"].item() > 1
+
+
+@pytest.mark.multiprocess
+def test_sync_dist_on_two_ranks_sums_every_accepted_step_once():
+    """self.log(..., sync_dist=True) in training_step: no collective per slot (ranks evaluate different numbers of
+    slots), and the epoch value over both ranks is the sequential one."""
+    expected = _epoch_metrics(_fit(LogsStep(), max_steps=-1, max_epochs=1, data=regression_data(n=40)))
+    picard = _fit(
+        LogsStep(sync_dist=True),
+        devices=2,
+        window_size=3,
+        max_steps=-1,
+        max_epochs=1,
+        data=regression_data(n=40),
+    )
+    assert _epoch_metrics(picard) == expected
+
+
+def test_logger_rows_carry_the_epoch_as_in_lightning(tmp_path):
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    _fit(
+        ToyRegression(),
+        devices=1,
+        window_size=2,
+        max_steps=-1,
+        max_epochs=2,
+        logger=logger,
+        log_every_n_steps=1,
+        data=regression_data(n=16),
+    )
+    rows = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    epochs = [row.split(",")[header.index("epoch")] for row in rows[1:]]
+    assert epochs and all(epochs), "every row has Lightning's `epoch` column"
+    assert {float(e) for e in epochs} == {0.0, 1.0}
+
+
+class NoneBatches(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.zeros(4)
+
+
+def test_a_dataloader_yielding_none_gets_a_clear_message():
+    data = DataLoader(NoneBatches(), batch_size=4, collate_fn=lambda items: None)
+    with pytest.raises(MisconfigurationException, match="yielded None at batch 0"):
+        _fit(ToyRegression(), devices=1, data=data)
+
+
+class GathersInTrainingStep(ToyRegression):
+    def training_step(self, batch, batch_idx):
+        self.all_gather(torch.ones(()))
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.multiprocess
+def test_all_gather_while_a_step_is_evaluated_names_the_hook():
+    with pytest.raises(Exception, match="all_gather was called in `training_step`"):
+        _fit(GathersInTrainingStep(), devices=2)
+
+
+class ReducesInTrainingStep(ToyRegression):
+    def training_step(self, batch, batch_idx):
+        self.trainer.strategy.barrier()
+        total = self.trainer.strategy.reduce(torch.tensor(1.0), reduce_op="sum")
+        self.log("reduced", total, on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.multiprocess
+def test_reduce_and_barrier_while_a_step_is_evaluated_see_that_step_alone():
+    """Ranks evaluate different numbers of slots: a collective per slot would hang; each step counts once."""
+    trainer = _fit(ReducesInTrainingStep(), devices=2, window_size=3, max_steps=10)
+    assert trainer.callback_metrics["reduced"].item() == 10.0, "one per step, as in the sequential run"
+
+
+def test_sync_batchnorm_is_refused_at_setup():
+    with pytest.raises(MisconfigurationException, match="does not support sync_batchnorm"):
+        _fit(ToyRegression(), devices=1, sync_batchnorm=True)
+
+
+@pytest.mark.parametrize(
+    ("devices", "trainer_kwargs", "n"),
+    [
+        (1, {"limit_train_batches": 1}, 64),
+        (1, {}, 8),
+        (2, {}, 4),
+    ],
+)
+def test_an_epoch_shorter_than_the_window_is_clipped_and_exact(devices, trainer_kwargs, n):
+    """limit_train_batches=1, a 1- or 2-batch loader: the window is cut at the end of the epoch."""
+    kwargs = dict(max_steps=-1, max_epochs=3, data=regression_data(n=n), **trainer_kwargs)
+    reference = ToyRegression()
+    sequential = _fit(reference, **kwargs)
+    module = ToyRegression()
+    trainer = _fit(module, devices=devices, window_size=4, **kwargs)
+    assert torch.equal(final_parameters(module), final_parameters(reference))
+    if devices == 1:
+        assert trainer.global_step == sequential.global_step
+
+
+@pytest.mark.multiprocess
+def test_fast_dev_run_on_two_devices():
+    module = ToyRegression()
+    trainer = _fit(module, devices=2, window_size=2, max_steps=-1, fast_dev_run=True)
+    reference = ToyRegression()
+    _fit(reference, max_steps=1)
+    assert torch.equal(final_parameters(module), final_parameters(reference))
+    assert trainer.callback_metrics["picard/rounds"].item() == 1
+
+
+class WithUnoptimizedLayer(ToyRegression):
+    def __init__(self):
+        super().__init__()
+        self.side = torch.nn.Linear(4, 1)  # trainable, used in the loss, in no optimizer
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 0.1 * self.side(batch[0]).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net.parameters(), lr=self.lr)
+
+
+def test_trainable_parameters_in_no_optimizer_stay_fixed_as_in_lightning():
+    reference = WithUnoptimizedLayer()
+    side = reference.side.weight.detach().clone()
+    _fit(reference)
+    module = WithUnoptimizedLayer()
+    _fit(module, devices=1, window_size=3)
+    assert torch.equal(module.side.weight, side) and torch.equal(reference.side.weight, side)
+    assert torch.equal(final_parameters(module), final_parameters(reference))
+
+
+class SkipsSomeSteps(ToyRegression):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if self.global_step % 3 == 1 else loss
+
+
+@pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.multiprocess)])
+def test_a_training_step_returning_none_is_a_step_with_no_update(devices):
+    reference = SkipsSomeSteps()
+    _fit(reference)
+    module = SkipsSomeSteps()
+    trainer = _fit(module, devices=devices, window_size=3)
+    assert torch.equal(final_parameters(module), final_parameters(reference))
+    if devices == 1:
+        assert trainer.global_step == 12
+
+
+class RequiresOutputs(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not isinstance(outputs, dict) or not torch.is_tensor(outputs.get("loss")):
+            raise AssertionError(f"rank {trainer.global_rank} got outputs={outputs!r}")
+
+
+@pytest.mark.multiprocess
+def test_every_rank_gets_the_output_of_step_tau_every_round():
+    """Epochs of 4 batches, window 3, every guess accepted: rounds of 3 and 1 slots; rank 1 owns no slot in the
+    second."""
+    trainer = _fit(
+        ToyRegression(),
+        devices=2,
+        window_size=3,
+        threshold=1.0,
+        max_steps=-1,
+        max_epochs=2,
+        data=regression_data(n=16),
+        callbacks=[RequiresOutputs()],
+    )
+    assert trainer.callback_metrics["picard/rounds"].item() == 4
+
+
+class DriftsOnRankOne(ToyRegression):
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.global_rank == 1 and self.global_step == 4:
+            with torch.no_grad():
+                self.net[0].bias.add_(1e-6)  # a rank-local bug: the replicas' replays differ
+
+
+@pytest.mark.multiprocess
+def test_replicas_that_drift_apart_stop_every_rank_with_a_clear_error():
+    with pytest.raises(Exception, match=r"the anchor \(step \d+\) of rank 1 differs from rank 0's"):
+        _fit(DriftsOnRankOne(), devices=2, window_size=2, max_steps=12)
+
+
+class FailsLateOnRankOne(ToyRegression):
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and self.global_step >= 513:
+            raise ValueError("bad render")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.multiprocess
+def test_the_failed_step_is_named_exactly_under_bf16_true_past_its_integer_range():
+    """bf16 holds integers exactly only up to 256 (514 would read as 512 or 516): the status columns are integer
+    views holding the slot, not the step, so this holds in any dtype (16-true's 65,504 limit alike)."""
+    with pytest.raises(Exception, match=r"rank 1 (failed )?while evaluating step 513\b"):
+        _fit(
+            FailsLateOnRankOne(),
+            devices=2,
+            window_size=2,
+            threshold=1.0,
+            max_steps=520,
+            precision="bf16-true",
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_status_columns_hold_exact_integers_in_every_dtype(dtype):
+    from lightning_picard.loop import _checksum, _integers
+
+    rows = torch.zeros(2, 8, dtype=dtype)
+    status = _integers(rows[:, :6])
+    status[:, 3:6] = _checksum(torch.randn(1000).to(dtype))
+    status[1, 0] = 32_000  # far beyond what float16 / bfloat16 hold exactly as values
+    assert _integers(rows)[1, 0].item() == 32_000
+    assert all(0 <= v < 2**15 for v in _integers(rows)[0, 3:6].tolist())
+    changed = torch.randn(1000).to(dtype)
+    assert not torch.equal(
+        _checksum(changed), _checksum(changed.clone().index_fill_(0, torch.tensor([7]), 0.5))
+    )
+
+
+class WithValidation(ToyRegression):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", (self.net(batch[0]) - batch[1]).square().mean())
+
+
+def _progress(trainer):
+    loop = trainer.fit_loop.epoch_loop
+    return {
+        "batch": loop.batch_progress.state_dict(),
+        "val_batch": loop.val_loop.batch_progress.state_dict(),
+        "optimizer_step": loop.automatic_optimization.optim_progress.state_dict(),
+        "global_step": trainer.global_step,
+    }
+
+
+def test_resuming_from_a_checkpoint_written_in_validation_counts_progress_as_lightning(tmp_path):
+    """The restart branch of Lightning's advance: validation is finished or skipped, not run twice."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    progress = {}
+    for name, devices in (("sequential", 0), ("picard", 1)):
+        kwargs = dict(
+            devices=devices,
+            window_size=3,
+            val_check_interval=5,
+            limit_val_batches=2,
+            enable_checkpointing=True,
+        )
+        first = ModelCheckpoint(dirpath=tmp_path / name, save_top_k=-1, filename="{step}")
+        _fit(WithValidation(), max_steps=7, callbacks=[first], val=regression_data(n=8), **kwargs)
+        module = WithValidation()
+        trainer = pl.Trainer(
+            devices=1,
+            max_steps=12,
+            strategy=lp.PicardStrategy(window_size=3, threshold=0.0) if devices else "auto",
+            **quiet_trainer_kwargs(val_check_interval=5, limit_val_batches=2),
+        )
+        trainer.fit(
+            module,
+            regression_data(),
+            val_dataloaders=regression_data(n=8),
+            ckpt_path=tmp_path / name / "step=5.ckpt",
+        )
+        progress[name] = _progress(trainer)
+    assert progress["picard"] == progress["sequential"]
+
+
+def test_step_seed_leaves_no_seeded_rng_behind_when_an_epoch_is_skipped():
+    _fit(EpochScheduled(4), max_steps=-1, max_epochs=2)
+    assert lp.current_step_seed() is None
