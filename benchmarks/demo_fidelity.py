@@ -6,6 +6,7 @@ without densification, and prints T/rounds, fit seconds, novel-view PSNR and the
 to the sequential run over the seed-to-seed distance, on held-out renders). One thread per process.
 
     python benchmarks/demo_fidelity.py --out /tmp/demo_fidelity --tolerances 0.1 0.01 0.001 1e-5
+    python benchmarks/demo_fidelity.py --variants densify --tolerances threshold:5e-4 1.0   # the paper's rule
 """
 
 from __future__ import annotations
@@ -24,11 +25,19 @@ VARIANTS = {
 }
 
 
+def policy_arguments(tolerance: str) -> list[str]:
+    """``"0.1"`` → the default rule at that tolerance; ``"threshold:5e-4"`` → the paper's rule (γ 0.9)."""
+    strategy = "--trainer.strategy.init_args."
+    if tolerance.startswith("threshold:"):
+        return [f"{strategy}threshold", tolerance.split(":", 1)[1], f"{strategy}ema_decay", "0.9"]
+    return [f"{strategy}tolerance", tolerance]
+
+
 def fit_all(out: Path, variant: str, overrides: list[str], tolerances: list[str]) -> dict[str, Path]:
     """Run what is missing under ``out/variant`` and return the run folders by name."""
     folder = out / variant.replace(" ", "_")
     runs = {"sequential": folder / "sequential", "seed1": folder / "seed1"}
-    runs |= {f"tolerance {t}": folder / f"tolerance_{t}" for t in tolerances}
+    runs |= {f"tolerance {t}": folder / f"tolerance_{t.replace(':', '_')}" for t in tolerances}
     sequential = ["--trainer.strategy", "auto", "--trainer.devices", "1", *overrides]
     pending = {
         "sequential": sequential,
@@ -47,8 +56,8 @@ def fit_all(out: Path, variant: str, overrides: list[str], tolerances: list[str]
         name = f"tolerance {t}"
         if (runs[name] / "run.json").exists():
             continue
-        args = ["--trainer.devices", "2", "--trainer.strategy.init_args.tolerance", t, *overrides]
-        log = folder / f"{name.replace(' ', '_')}.log"
+        args = ["--trainer.devices", "2", *policy_arguments(t), *overrides]
+        log = folder / f"{runs[name].name}.log"
         demo._wait({name: (demo._launch(demo._fit_command(demo.DEMO_CONFIG, runs[name], args), log), log)})
     return runs
 

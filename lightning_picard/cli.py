@@ -1,7 +1,9 @@
-"""The ``lightning-picard`` console script: LightningCLI with the Picard strategies registered.
+"""The plugin's own command line: LightningCLI with the Picard strategies registered.
 
-``lightning-picard fit|validate|test|predict …`` is LightningCLI in subclass mode;
-``lightning-picard demo`` runs :mod:`lightning_picard.demo`.
+``python -m lightning_picard.cli fit|validate|test|predict …`` is LightningCLI in subclass mode for any
+LightningModule; ``python -m lightning_picard.cli demo`` runs the regression toy of :mod:`lightning_picard.demo`.
+The installed ``lightning-picard`` script is ``recipes.cli``: the same, plus run folders, ``export`` and the
+text-to-3D demo.
 """
 
 from __future__ import annotations
