@@ -22,7 +22,6 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -197,16 +196,14 @@ def _with_run_config(argv: list[str]) -> list[str]:
 
 
 def _subcommand_config(path: Path, keep_ckpt_key: bool) -> str:
-    """The run's saved config as a file the parser accepts (``run=False`` parsers have no ``ckpt_path``)."""
+    """The run's saved config for ``-c``: its path, or (for ``run=False`` parsers, which have no ``ckpt_path``)
+    its YAML text without the Trainer-method arguments (``-c`` takes a path or YAML text)."""
     if keep_ckpt_key:
         return str(path)
     config = yaml.safe_load(path.read_text())
     for key in ("ckpt_path", "weights_only"):  # arguments of the Trainer methods, not of the classes
         config.pop(key, None)
-    handle, name = tempfile.mkstemp(suffix=".yaml", prefix="lightning-picard-")
-    with os.fdopen(handle, "w") as file:
-        yaml.safe_dump(config, file)
-    return name
+    return yaml.safe_dump(config)
 
 
 def export(argv: list[str]) -> list[Path]:
