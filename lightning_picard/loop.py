@@ -326,8 +326,10 @@ class PicardEpochLoop(_TrainingEpochLoop):
                     result = ClosureResult.from_training_step_output(
                         step_output, trainer.accumulate_grad_batches
                     )
-                    # As Lightning: zero_grad, then backward unless training_step returned None (a step with no
-                    # update: every gradient is None; the optimizer step and the schedulers still run).
+                    # As Lightning: on_before_zero_grad, zero_grad, then backward unless training_step returned
+                    # None (a step with no update: every gradient is None; the optimizer step and schedulers run).
+                    call._call_callback_hooks(trainer, "on_before_zero_grad", optimizer)
+                    call._call_lightning_module_hook(trainer, "on_before_zero_grad", optimizer)
                     call._call_lightning_module_hook(
                         trainer, "optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer
                     )

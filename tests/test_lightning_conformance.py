@@ -384,3 +384,27 @@ def test_resuming_from_a_checkpoint_written_in_validation_counts_progress_as_lig
 def test_step_seed_leaves_no_seeded_rng_behind_when_an_epoch_is_skipped():
     _fit(EpochScheduled(4), max_steps=-1, max_epochs=2)
     assert lp.current_step_seed() is None
+
+
+class CountsZeroGrads(Callback):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:
+        self.calls += 1
+
+
+class RaisesBeforeZeroGrad(ToyRegression):
+    def on_before_zero_grad(self, optimizer) -> None:
+        if self.global_step == 2:
+            raise RuntimeError("trouble before zero_grad")
+
+
+def test_on_before_zero_grad_runs_for_every_evaluated_step_as_lightning_calls_it():
+    """Lightning calls the hook (callbacks, then the module) before ``optimizer_zero_grad``; checkpoint-on-exception
+    tests rely on it."""
+    counter = CountsZeroGrads()
+    _fit(ToyRegression(), devices=1, window_size=3, callbacks=[counter])
+    assert counter.calls >= 12  # once per evaluated slot: every step at least once
+    with pytest.raises(RuntimeError, match="trouble before zero_grad"):
+        _fit(RaisesBeforeZeroGrad(), devices=1, window_size=3)
