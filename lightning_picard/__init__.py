@@ -17,6 +17,7 @@ from lightning_picard.callbacks import StepSeed
 from lightning_picard.errors import PicardRankError
 from lightning_picard.hooks import local_parameters, picard_parameters
 from lightning_picard.picard import FlatParameters, OptimizerSnapshot, PicardWindow, RoundResult
+from lightning_picard.progress import PicardProgressBar, PicardRichProgressBar
 from lightning_picard.rng import current_step_seed, step_generator, step_rng, step_seed
 from lightning_picard.strategy import PicardStrategy
 
@@ -25,7 +26,9 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "FlatParameters",
     "OptimizerSnapshot",
+    "PicardProgressBar",
     "PicardRankError",
+    "PicardRichProgressBar",
     "PicardStrategy",
     "PicardWindow",
     "RoundResult",
