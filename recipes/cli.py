@@ -248,5 +248,10 @@ def main(args: list[str] | None = None) -> Any:
             os.environ.pop(RUN_DIR_ENV, None)
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The console script: :func:`main` without a return value (``sys.exit`` would print it and exit 1)."""
     main()
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -169,3 +169,16 @@ def test_stable_diffusion_guidance_loads_from_a_local_folder(tiny_sd_folder, tmp
     )
     assert json.loads((run_dir / "run.json").read_text())["steps"] == 2
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 6  # prompt, negative, four view directions
+
+
+def test_the_console_script_hands_sys_exit_nothing(sequential_run, monkeypatch):
+    """``sys.exit(entry_point())`` must exit 0: a returned object would be printed and exit with status 1."""
+    import sys
+
+    from recipes.cli import entry_point
+
+    _, run_dir = sequential_run
+    monkeypatch.setattr(
+        sys, "argv", ["lightning-picard", "export", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
+    )
+    assert entry_point() is None
