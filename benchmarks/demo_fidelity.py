@@ -45,27 +45,19 @@ def fit_all(out: Path, variant: str, overrides: list[str], tolerances: list[str]
     }
     pending = {name: args for name, args in pending.items() if not (runs[name] / "run.json").exists()}
     if pending:
-        demo._wait(
-            {
-                name: (demo._launch(demo._fit_command(demo.DEMO_CONFIG, runs[name], args), folder / f"{name}.log"),
-                       folder / f"{name}.log")
-                for name, args in pending.items()
-            }
-        )  # fmt: skip
+        demo.fit_runs(demo.DEMO_CONFIG, {name: (runs[name], args) for name, args in pending.items()}, folder)
     for t in tolerances:
         name = f"tolerance {t}"
-        if (runs[name] / "run.json").exists():
-            continue
-        args = ["--trainer.devices", "2", *policy_arguments(t), *overrides]
-        log = folder / f"{runs[name].name}.log"
-        demo._wait({name: (demo._launch(demo._fit_command(demo.DEMO_CONFIG, runs[name], args), log), log)})
+        if not (runs[name] / "run.json").exists():
+            args = ["--trainer.devices", "2", *policy_arguments(t), *overrides]
+            demo.fit_runs(demo.DEMO_CONFIG, {runs[name].name: (runs[name], args)}, folder)
     return runs
 
 
 def measure(runs: dict[str, Path]) -> list[dict[str, float | str]]:
     cameras = held_out_cameras()
-    models = {name: demo._load(run) for name, run in runs.items()}
-    renders = {name: demo._render(model, cameras) for name, model in models.items()}
+    models = {name: demo.load_run(run) for name, run in runs.items()}
+    renders = {name: demo.render_chw(model, cameras) for name, model in models.items()}
     seed_distance = (renders["seed1"] - renders["sequential"]).square().mean().item()
     rows = []
     for name, model in models.items():
@@ -76,7 +68,7 @@ def measure(runs: dict[str, Path]) -> list[dict[str, float | str]]:
                 "run": name,
                 "steps_per_round": info["steps"] / info["rounds"],
                 "fit_seconds": info["fit_seconds"],
-                "psnr": novel_view_quality(lambda c, m=model: demo._render(m, c)).psnr,
+                "psnr": novel_view_quality(lambda c, m=model: demo.render_chw(m, c)).psnr,
                 "fidelity_ratio": distance / seed_distance,
                 "gaussians": len(model.scene.gaussians),
             }

@@ -190,18 +190,16 @@ def _with_run_config(argv: list[str]) -> list[str]:
     return [
         argv[0],
         "-c",
-        _subcommand_config(run_dir / CONFIG_NAME, keep_ckpt_key=argv[0] != "export"),
+        str(run_dir / CONFIG_NAME) if argv[0] != "export" else run_config(run_dir / CONFIG_NAME),
         *argv[1:],
     ]
 
 
-def _subcommand_config(path: Path, keep_ckpt_key: bool) -> str:
-    """The run's saved config for ``-c``: its path, or (for ``run=False`` parsers, which have no ``ckpt_path``)
-    its YAML text without the Trainer-method arguments (``-c`` takes a path or YAML text)."""
-    if keep_ckpt_key:
-        return str(path)
+def run_config(path: Path) -> str:
+    """A run's saved ``config.yaml`` as YAML text for ``-c`` of a ``run=False`` parser (``-c`` takes a path or YAML
+    text): without the arguments of the Trainer methods, which such a parser does not have."""
     config = yaml.safe_load(path.read_text())
-    for key in ("ckpt_path", "weights_only"):  # arguments of the Trainer methods, not of the classes
+    for key in ("ckpt_path", "weights_only"):
         config.pop(key, None)
     return yaml.safe_dump(config)
 

@@ -68,42 +68,41 @@ class PhotometricFit(TextTo3D):
         """No guidance to load."""
 
 
-def _fit_command(config: Path, run_dir: Path, overrides: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "recipes.cli",
-        "fit",
-        "-c",
-        str(config),
-        "--run_dir",
-        str(run_dir),
-        *overrides,
-    ]
-
-
-def _launch(command: list[str], log: Path) -> subprocess.Popen:
+def fit_runs(config: Path, runs: dict[str, tuple[Path, list[str]]], logs: Path) -> None:
+    """``lightning-picard fit -c config --run_dir RUN OVERRIDES…`` for every ``name: (RUN, OVERRIDES)`` at once, one
+    thread per process, each logging to ``logs/<name>.log``; raise with the log's tail if one fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("LIGHTNING_PICARD_RUN_DIR", None)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-
-
-def _wait(processes: dict[str, tuple[subprocess.Popen, Path]]) -> None:
-    for name, (process, log) in processes.items():
+    logs.mkdir(parents=True, exist_ok=True)
+    processes = {}
+    for name, (run_dir, overrides) in runs.items():
+        command = [sys.executable, "-m", "recipes.cli", "fit", "-c", str(config), "--run_dir", str(run_dir)]
+        log = logs / f"{name}.log"
+        with log.open("w") as file:
+            processes[name] = subprocess.Popen(
+                [*command, *overrides], stdout=file, stderr=subprocess.STDOUT, env=env
+            )
+    for name, process in processes.items():
         if process.wait() != 0:
+            log = logs / f"{name}.log"
             tail = "\n".join(log.read_text().splitlines()[-15:])
             raise RuntimeError(f"the {name} run failed (log: {log}):\n{tail}")
 
 
-def _load(run_dir: Path) -> TextTo3D:
+def load_run(run_dir: Path) -> TextTo3D:
     """The trained module of ``run_dir`` (its last checkpoint), built from the run's saved config like the CLI."""
-    from recipes.cli import CONFIG_NAME, RecipeCLI, _subcommand_config, load_checkpoint
+    from recipes.cli import CONFIG_NAME, RecipeCLI, load_checkpoint, run_config
 
-    config = _subcommand_config(run_dir / CONFIG_NAME, keep_ckpt_key=False)
-    model = RecipeCLI(args=["-c", config], run=False, save_config_callback=None).model
+    model = RecipeCLI(
+        args=["-c", run_config(run_dir / CONFIG_NAME)], run=False, save_config_callback=None
+    ).model
     model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"])
     return model.eval()
+
+
+def render_chw(model: TextTo3D, cameras: Cameras) -> Tensor:
+    """:meth:`TextTo3D.render_views` as ``[V, 3, H, W]``, the layout of the quality measures."""
+    return model.render_views(cameras).permute(0, 3, 1, 2)
 
 
 PHOTOMETRIC_GRAD_THRESHOLD = 2.0
@@ -124,16 +123,6 @@ def photometric_config(config: Path, out: Path) -> Path:
     path = out / "photometric.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def _run_info(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "run.json").read_text())
-
-
-@torch.no_grad()
-def _render(model: TextTo3D, cameras: Cameras) -> Tensor:
-    """Renders ``[V, 3, H, W]`` in [0, 1] (the layout of the quality measures)."""
-    return model.scene.render(cameras)["comp_rgb"].clamp(0, 1).permute(0, 3, 1, 2)
 
 
 def _metrics(run_dir: Path) -> dict[str, list[float]]:
@@ -189,13 +178,15 @@ def side_by_side_gif(columns: list[Tensor], path: Path, scale: int = 4) -> Path:
 
 def measure(runs: dict[str, Path]) -> dict[str, Any]:
     """Quality, fidelity and cost of the demo's runs."""
-    models = {name: _load(run) for name, run in runs.items()}
-    quality = {name: novel_view_quality(lambda c, m=model: _render(m, c)) for name, model in models.items()}
+    models = {name: load_run(run) for name, run in runs.items()}
+    quality = {
+        name: novel_view_quality(lambda c, m=model: render_chw(m, c)) for name, model in models.items()
+    }
     held_out = held_out_cameras()
-    renders = {name: _render(model, held_out) for name, model in models.items()}
+    renders = {name: render_chw(model, held_out) for name, model in models.items()}
     picard_distance = (renders["picard"] - renders["sequential"]).square().mean().item()
     seed_distance = (renders["sequential_seed1"] - renders["sequential"]).square().mean().item()
-    info = {name: _run_info(run) for name, run in runs.items()}
+    info = {name: json.loads((run / "run.json").read_text()) for name, run in runs.items()}
     steps = info["sequential"]["steps"]
     rounds = info["picard"]["rounds"]
     return {
@@ -259,11 +250,11 @@ def run(
     started = time.perf_counter()
 
     def launch(names_and_args: dict[str, list[str]], run_config: Path = config) -> None:
-        logs = {name: out / "logs" / f"{name}.log" for name in names_and_args}
-        commands = {
-            name: _fit_command(run_config, runs[name], [*overrides, *a]) for name, a in names_and_args.items()
-        }
-        _wait({name: (_launch(commands[name], logs[name]), logs[name]) for name in names_and_args})
+        fit_runs(
+            run_config,
+            {name: (runs[name], [*overrides, *a]) for name, a in names_and_args.items()},
+            out / "logs",
+        )
 
     print(
         f"[1/3] two sequential runs (seeds 0 and 1), one core each … ({time.perf_counter() - started:.0f} s)"
@@ -279,7 +270,7 @@ def run(
     turntable = orbit_cameras(36, elevation_deg=20.0, distance=3.0, fovy_deg=40.0, height=32, width=32)
     ground_truth = default_procedural_object().render(turntable).rgb
     gif = side_by_side_gif(
-        [ground_truth, _render(models["sequential"], turntable), _render(models["picard"], turntable)],
+        [ground_truth, render_chw(models["sequential"], turntable), render_chw(models["picard"], turntable)],
         out / "turntable_gt_sequential_picard.gif",
     )
     plot = convergence_plot(_metrics(runs["picard"]), out / "convergence.png")

@@ -66,7 +66,8 @@ class GuidanceConfig:
                 f"unknown guidance model {self.model!r}; use 'stable-diffusion', 'deepfloyd-if' or 'closed-form'"
             )
 
-    def _model_config(self) -> Any:
+    def model_config(self) -> Any:
+        """The model wrapper's own config (``StableDiffusionConfig`` or ``DeepFloydIFConfig``)."""
         from recipes.guidance.deepfloyd_if import DeepFloydIFConfig
         from recipes.guidance.stable_diffusion import StableDiffusionConfig
 
@@ -91,7 +92,7 @@ class GuidanceConfig:
         from recipes.guidance.stable_diffusion import StableDiffusionDenoiser
 
         model_class = StableDiffusionDenoiser if self.model == "stable-diffusion" else DeepFloydIFDenoiser
-        load_noise_schedule(self._model_config().pretrained_model_name_or_path, model_class.CONFIG_HINT)
+        load_noise_schedule(self.model_config().pretrained_model_name_or_path, model_class.CONFIG_HINT)
 
     def required_resolution(self) -> tuple[int, int] | None:
         """The render size the model needs, or None when it resizes renders itself."""
@@ -127,7 +128,7 @@ class Guidance:
             from recipes.guidance.stable_diffusion import StableDiffusionDenoiser as model_class
         else:
             from recipes.guidance.deepfloyd_if import DeepFloydIFDenoiser as model_class
-        denoiser = model_class.from_pretrained(config._model_config(), device=device)
+        denoiser = model_class.from_pretrained(config.model_config(), device=device)
         prompts = PromptEmbeddings.compute(prompt, denoiser.text_encoding()).to(device, denoiser.dtype)
         return cls(config, denoiser, prompts)
 
