@@ -27,9 +27,10 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
 from lightning_picard import rng
+from lightning_picard.convergence import aggregate_errors
 from lightning_picard.errors import PicardRankError, PicardReplicaError
 from lightning_picard.hooks import picard_parameters, run_after_optimizer_step
-from lightning_picard.picard import Resize, RoundResult, aggregate_errors
+from lightning_picard.window import Resize, RoundResult
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -22,6 +22,8 @@ from typing_extensions import override
 
 from lightning_picard import rng
 from lightning_picard.buffers import ModuleBuffers
+from lightning_picard.convergence import AGGREGATES, INITIALIZERS
+from lightning_picard.flat import FlatParameters
 from lightning_picard.hooks import (
     local_parameters,
     picard_buffers,
@@ -29,7 +31,8 @@ from lightning_picard.hooks import (
     picard_step_outputs,
 )
 from lightning_picard.loop import check_trainer_supported, install_picard_loop
-from lightning_picard.picard import AGGREGATES, INITIALIZERS, FlatParameters, OptimizerSnapshot, PicardWindow
+from lightning_picard.snapshot import OptimizerSnapshot
+from lightning_picard.window import PicardWindow
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
