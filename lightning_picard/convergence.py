@@ -19,18 +19,21 @@ SMALLEST_ERROR = torch.finfo(torch.float64).tiny
 """The error of a guess that differs from its replayed value at all: never 0, so that ``threshold=0`` is exact."""
 
 
-def squared_norm(difference: torch.Tensor) -> torch.Tensor:
+def squared_norm(difference: torch.Tensor, exact_zero: bool = True) -> torch.Tensor:
     """‖difference‖² as a float64 scalar on the device, without a host sync and without a float64 copy.
 
     The sum runs in float32 (in place of the 8·D-byte float64 copy a float64 reduction needs). Squares of
-    tiny differences can underflow to 0 there, so a non-zero difference whose norm underflows is reported
-    as the smallest positive float64: an error is 0 exactly when the guess equals its replayed value, which
-    keeps ``threshold=0`` exact.
+    tiny differences can underflow to 0 there, so with ``exact_zero`` a non-zero difference whose norm underflows
+    is reported as the smallest positive float64: an error is 0 exactly when the guess equals its replayed value,
+    which keeps ``threshold=0`` exact. Only a zero threshold needs that test (a second pass over the values), so
+    callers with a positive one pass ``exact_zero=False``. Default is ``True``.
     """
     if difference.numel() == 0:  # e.g. every Gaussian pruned
         return torch.zeros((), dtype=torch.float64, device=difference.device)
     accumulate = torch.float32 if difference.dtype in (torch.float16, torch.bfloat16) else None
     norm = torch.linalg.vector_norm(difference, dtype=accumulate).to(torch.float64).square()
+    if not exact_zero:
+        return norm
     low, high = torch.aminmax(difference)  # a nonzero test ~10x cheaper than .any() on CPU
     floor = ((low != 0) | (high != 0)).to(torch.float64) * SMALLEST_ERROR
     return torch.maximum(norm, floor)

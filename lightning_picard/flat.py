@@ -109,14 +109,22 @@ class FlatParameters:
         return True
 
     def write_gradients(self, row: torch.Tensor) -> None:
-        """Copy the current ``.grad`` of every parameter into ``row`` (zeros and flag 0 where ``None``)."""
+        """Copy the current ``.grad`` of every parameter into ``row`` (zeros and flag 0 where ``None``).
+
+        One ``cat`` into the row when every parameter has a gradient (the usual case), not a copy per tensor.
+        """
         flags, values = row[: self.header], row[self.header : self.row_length]
-        for i, (p, s) in enumerate(zip(self.params, self._slices)):
-            if p.grad is None:
+        grads = [p.grad for p in self.params]
+        if all(g is not None and g.dtype == values.dtype for g in grads):
+            torch.cat([g.reshape(-1) for g in grads], out=values)  # type: ignore[union-attr]
+            flags.fill_(1)
+            return
+        for i, (g, s) in enumerate(zip(grads, self._slices)):
+            if g is None:
                 values[s].zero_()
                 flags[i] = 0
             else:
-                values[s].copy_(p.grad.reshape(-1))
+                values[s].copy_(g.reshape(-1))
                 flags[i] = 1
 
     def load_gradients(

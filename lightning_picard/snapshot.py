@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,9 +30,10 @@ class OptimizerSnapshot:
         return self._state is not None
 
     def capture(self) -> None:
-        """Copy the optimizer's current state."""
+        """Copy the optimizer's current state (one ``_foreach_copy_`` over every state tensor when the buffers
+        of the previous capture fit)."""
         previous = self._state or {}
-        self._state = {p: _copy_state(s, previous.get(p)) for p, s in self.optimizer.state.items() if s}
+        self._state = _copy_states(self.optimizer.state, previous)
         self._groups = [
             {k: _clone(v) for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
         ]
@@ -45,32 +46,62 @@ class OptimizerSnapshot:
         current = self.optimizer.state
         for p in [p for p in current if p not in self._state]:
             del current[p]
-        for p, saved in self._state.items():
-            current[p] = _copy_state(saved, current.get(p))
+        current.update(_copy_states(self._state, current))
         for group, saved in zip(self.optimizer.param_groups, self._groups):
             group.update({k: _clone(v) for k, v in saved.items()})
         for scheduler, saved in zip(self.schedulers, self._scheduler_states):
             scheduler.load_state_dict(copy.deepcopy(saved))
 
 
-def _copy_state(source: dict[str, Any], reuse: dict[str, Any] | None) -> dict[str, Any]:
-    """A copy of one parameter's optimizer state, written into ``reuse``'s tensors when they match."""
-    if reuse is not None and reuse.keys() == source.keys():
-        tensors = [k for k, v in source.items() if isinstance(v, torch.Tensor)]
-        if all(
-            isinstance(reuse[k], torch.Tensor)
-            and reuse[k].shape == source[k].shape
-            and reuse[k].dtype == source[k].dtype
-            and reuse[k].device == source[k].device
-            for k in tensors
-        ):
-            for k, v in source.items():
-                if k in tensors:
-                    reuse[k].copy_(v)
+def _copy_states(
+    source: Mapping[Any, dict[str, Any]], reuse: Mapping[Any, dict[str, Any]]
+) -> dict[Any, dict[str, Any]]:
+    """A copy of the per-parameter optimizer states in ``source`` (empty ones left out), written into ``reuse``'s
+    tensors where they match; the matching tensors are copied by one ``_foreach_copy_`` per device and dtype."""
+    copies: dict[Any, dict[str, Any]] = {}
+    targets: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
+    for p, state in source.items():
+        if not state:
+            continue
+        into = reuse.get(p)
+        if into is not None and _same_layout(state, into):
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    targets.append(into[k])
+                    sources.append(v)
                 else:
-                    reuse[k] = copy.deepcopy(v)
-            return reuse
-    return {k: _clone(v) for k, v in source.items()}
+                    into[k] = copy.deepcopy(v)
+            copies[p] = into
+        else:
+            copies[p] = {k: _clone(v) for k, v in state.items()}
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for target, value in zip(targets, sources):
+        pair = groups.setdefault((target.device, target.dtype), ([], []))
+        pair[0].append(target)
+        pair[1].append(value)
+    foreach_copy = getattr(torch, "_foreach_copy_", None)
+    for group_targets, group_sources in groups.values():
+        if foreach_copy is not None:
+            foreach_copy(group_targets, group_sources)
+        else:
+            for target, value in zip(group_targets, group_sources):
+                target.copy_(value)
+    return copies
+
+
+def _same_layout(source: dict[str, Any], reuse: dict[str, Any]) -> bool:
+    """Whether ``reuse`` has the keys of ``source`` and a tensor of the same shape, dtype and device for each."""
+    if reuse.keys() != source.keys():
+        return False
+    return all(
+        isinstance(reuse[k], torch.Tensor)
+        and reuse[k].shape == v.shape
+        and reuse[k].dtype == v.dtype
+        and reuse[k].device == v.device
+        for k, v in source.items()
+        if isinstance(v, torch.Tensor)
+    )
 
 
 def _clone(value: Any) -> Any:

@@ -258,6 +258,7 @@ class PicardWindow:
         errors_device = torch.zeros(n, dtype=torch.float64, device=self.flat.flat.device)
         sizes = []
         relative = self.error_units == "step"
+        exact = self.threshold <= SMALLEST_ERROR  # only then must a difference that underflows count
         parts: list[torch.Tensor] = []  # per slot: ‖θ′ − θ‖² of each tensor (step units only)
         steps: list[torch.Tensor] = []  # per slot: ‖θ′_{τ+j+1} − θ′_{τ+j}‖² of each tensor
         weights: list[list[float]] = []
@@ -283,7 +284,9 @@ class PicardWindow:
             before = lineage
             lineage = replay(j, j, lineage)
             target = self._row(j + 1)
-            errors_device[j], size = self._squared_error(target, lineage)
+            errors_device[j], size = self._squared_error(
+                target, lineage, norm=exact or not relative, exact=exact
+            )
             sizes.append(size)
             if relative:
                 error_parts, step_parts, part_weights = self._relative_parts(
@@ -294,7 +297,7 @@ class PicardWindow:
                 weights.append(part_weights)
             self._record(target, lineage)
         if relative:
-            errors = self._step_errors(errors_device, parts, steps, weights)
+            errors = self._step_errors(errors_device if exact else None, parts, steps, weights)
         else:
             errors = [e / size for e, size in zip(errors_device.tolist(), sizes)]
         threshold_used = self.threshold
@@ -365,12 +368,13 @@ class PicardWindow:
 
     def _step_errors(
         self,
-        absolute: torch.Tensor,
+        absolute: torch.Tensor | None,
         parts: Sequence[torch.Tensor],
         steps: Sequence[torch.Tensor],
         weights: Sequence[Sequence[float]],
     ) -> list[float]:
-        """The round's errors in step units (one host read); a guess that differs at all is never 0."""
+        """The round's errors in step units (one host read); with ``absolute`` (the errors' squared norms, given at
+        a zero threshold) a guess that differs at all is never 0."""
         errors = torch.stack(list(parts))
         step = torch.stack(list(steps))
         weight = torch.tensor(weights, dtype=torch.float64, device=errors.device)
@@ -378,6 +382,8 @@ class PicardWindow:
         if fallback is not None and fallback.shape != step.shape[1:]:
             fallback = None
         relative, self._step_scale = step_relative_errors(errors, step, weight, fallback)
+        if absolute is None:
+            return relative.tolist()
         floor = (absolute > 0).to(torch.float64) * SMALLEST_ERROR
         return torch.maximum(relative, floor).tolist()
 
@@ -427,8 +433,14 @@ class PicardWindow:
             shapes.update({n: b.shape for n, b in self.buffers.live().items()})
         return shapes
 
-    def _squared_error(self, target: _Row, lineage: Lineage) -> tuple[torch.Tensor, int]:
-        """‖replayed − guess‖² (after mapping the guess onto the replayed rows) and the number of values."""
+    def _squared_error(
+        self, target: _Row, lineage: Lineage, norm: bool = True, exact: bool = True
+    ) -> tuple[torch.Tensor, int]:
+        """‖replayed − guess‖² (after mapping the guess onto the replayed rows) and the number of values.
+
+        Leaves replayed − guess in the scratch row when no resize maps them. Without ``norm`` only that difference
+        is computed (the error returned is 0); ``exact`` keeps a difference that underflows from reading as 0.
+        """
         flat = self.flat.flat
         maps = self._row_maps(target.lineage, lineage)
         if maps is None:
@@ -441,7 +453,9 @@ class PicardWindow:
             if self._scratch.values.shape != flat.shape:
                 self._scratch.values = torch.empty_like(flat)
             torch.sub(flat, target.values, out=self._scratch.values)
-            error = squared_norm(self._scratch.values)
+            if not norm:
+                return torch.zeros((), dtype=torch.float64, device=flat.device), self.flat.numel
+            error = squared_norm(self._scratch.values, exact_zero=exact)
         else:
             error = self._mapped_parameter_error(target, maps)
         size = self.flat.numel

@@ -223,7 +223,7 @@ def test_window_state_round_trips_and_the_earlier_tensor_format_still_loads():
 
 
 def test_nonfinite_detection_without_a_full_size_temporary():
-    from lightning_picard.loop import _has_nonfinite
+    from lightning_picard.round import _has_nonfinite
 
     assert not _has_nonfinite(torch.tensor([1.0, -2.0]))
     assert _has_nonfinite(torch.tensor([1.0, math.nan]))
