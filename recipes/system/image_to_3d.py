@@ -137,9 +137,7 @@ class ImageTo3D(TextTo3D):
         for name, (weight, value) in terms.items():
             self.log(f"train/loss_{name}", value.detach())
             loss = loss + weight * value
-        for name, term in regularization(out, self.regularizers, step).items():
-            loss = loss + term
-        return loss
+        return loss + sum(regularization(out, self.regularizers, step).values(), loss.new_zeros(()))
 
 
 def _ever_nonzero(schedule: ScalarSchedule) -> bool:
