@@ -214,7 +214,10 @@ def procedural_view(reference: ReferenceViewConfig) -> Tensor:
     heights = [reference.height] if isinstance(reference.height, int) else reference.height
     widths = [reference.width] if isinstance(reference.width, int) else reference.width
     view = default_procedural_object().render(reference_camera(reference, max(heights), max(widths)))
-    return torch.cat([view.rgb, view.alpha, view.depth], dim=1)[0].permute(1, 2, 0)
+    # The render is composited on white; RGBA images hold the colour before compositing.
+    alpha = view.alpha
+    straight = torch.where(alpha > 0, (view.rgb - (1.0 - alpha)) / alpha.clamp_min(1e-6), torch.ones_like(view.rgb))
+    return torch.cat([straight.clamp(0.0, 1.0), alpha, view.depth], dim=1)[0].permute(1, 2, 0)
 
 
 @dataclass
@@ -235,7 +238,7 @@ class SingleImageDataModule(pl.LightningDataModule):
 
     Validation/test orbit the object at the reference elevation, distance and field of view, starting
     at the reference azimuth. ``num_steps`` must be at least ``trainer.max_steps``. The image is read (and
-    checked) when the module is built, before a run writes anything.
+    checked) on first use; the recipe system reads it before a run writes anything.
 
     Args:
         image: an RGBA image file (alpha = object mask), an RGB file with ``background_color``, or
@@ -278,13 +281,26 @@ class SingleImageDataModule(pl.LightningDataModule):
         self.eval_width = eval_width
         self.n_val_views = n_val_views
         self.n_test_views = n_test_views
-        if image == PROCEDURAL_IMAGE:
-            self.pixels = procedural_view(self.reference)
-        else:
-            self.pixels = load_rgba(image, background_color, background_tolerance)
-            if depth is not None:
-                depth_map = resize_rgba(load_depth(depth), *self.pixels.shape[:2])
-                self.pixels = torch.cat([self.pixels, depth_map], dim=-1)
+        self.background_color = background_color
+        self.background_tolerance = background_tolerance
+        self.depth = depth
+        self._pixels: Tensor | None = None
+
+    @property
+    def pixels(self) -> Tensor:
+        """The input view ``[H, W, 4]`` (RGB, mask) or ``[H, W, 5]`` (and depth), read on first use.
+
+        Raises ``FileNotFoundError`` or ``ValueError`` (one line, saying what to pass) for a bad input.
+        """
+        if self._pixels is None:
+            if self.image == PROCEDURAL_IMAGE:
+                self._pixels = procedural_view(self.reference)
+            else:
+                pixels = load_rgba(self.image, self.background_color, self.background_tolerance)
+                if self.depth is not None:
+                    pixels = torch.cat([pixels, resize_rgba(load_depth(self.depth), *pixels.shape[:2])], dim=-1)
+                self._pixels = pixels
+        return self._pixels
 
     @property
     def config(self) -> RandomCameraConfig:

@@ -94,6 +94,8 @@ class ImageTo3D(TextTo3D):
                 "data.class_path recipes.data.single_image.SingleImageDataModule with --data.image IMAGE.png"
             )
         super().check_data(datamodule)
+        if datamodule is not None:
+            datamodule.reference_image()  # reads the image now: a bad one fails before the run writes anything
         reference = getattr(datamodule, "reference", None)
         if reference is not None:
             for step in [0, *reference.resolution_milestones]:
