@@ -43,7 +43,9 @@ def initial_quality(config: Path, overrides: list[str]) -> tuple[float, float]:
 
 
 def measure(config: Path, out: Path, steps: int | None) -> dict[str, float]:
-    overrides = [] if steps is None else [f"--trainer.{k}={steps}" for k in ("max_steps", "val_check_interval")]
+    overrides = (
+        [] if steps is None else [f"--trainer.{k}={steps}" for k in ("max_steps", "val_check_interval")]
+    )
     overrides += [] if steps is None else [f"--data.num_steps={steps}"]
     runs = {
         "sequential": (out / "sequential", ["--trainer.strategy=auto", *overrides]),

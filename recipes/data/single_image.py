@@ -216,7 +216,9 @@ def procedural_view(reference: ReferenceViewConfig) -> Tensor:
     view = default_procedural_object().render(reference_camera(reference, max(heights), max(widths)))
     # The render is composited on white; RGBA images hold the colour before compositing.
     alpha = view.alpha
-    straight = torch.where(alpha > 0, (view.rgb - (1.0 - alpha)) / alpha.clamp_min(1e-6), torch.ones_like(view.rgb))
+    straight = torch.where(
+        alpha > 0, (view.rgb - (1.0 - alpha)) / alpha.clamp_min(1e-6), torch.ones_like(view.rgb)
+    )
     return torch.cat([straight.clamp(0.0, 1.0), alpha, view.depth], dim=1)[0].permute(1, 2, 0)
 
 
@@ -298,7 +300,9 @@ class SingleImageDataModule(pl.LightningDataModule):
             else:
                 pixels = load_rgba(self.image, self.background_color, self.background_tolerance)
                 if self.depth is not None:
-                    pixels = torch.cat([pixels, resize_rgba(load_depth(self.depth), *pixels.shape[:2])], dim=-1)
+                    pixels = torch.cat(
+                        [pixels, resize_rgba(load_depth(self.depth), *pixels.shape[:2])], dim=-1
+                    )
                 self._pixels = pixels
         return self._pixels
 
