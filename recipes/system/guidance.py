@@ -20,7 +20,7 @@ from torch import Tensor
 
 from recipes.data.cameras import Cameras
 from recipes.guidance.denoiser import Denoiser
-from recipes.guidance.image_condition import ImageCondition
+from recipes.guidance.image_condition import ClosedFormImageEncoder, ImageCondition
 from recipes.guidance.loading import TorchDType, load_noise_schedule
 from recipes.guidance.prompts import PromptConfig, PromptEmbeddings
 
@@ -159,8 +159,6 @@ class Guidance:
                 f"image-to-3D needs an image-conditioned guidance, not {self.config.model!r}; set "
                 "guidance.model to 'zero123' or, weight-free, 'closed-form'"
             )
-        from recipes.guidance.image_condition import ClosedFormImageEncoder
-
         encoder = self.denoiser if self.config.model == "zero123" else ClosedFormImageEncoder(self.denoiser)
         self.image = ImageCondition.encode(encoder, rgb, cameras)
 

@@ -109,7 +109,13 @@ class ImageTo3D(TextTo3D):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        view = self.trainer.datamodule.reference_image()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "reference_image"):
+            raise ValueError(
+                "image-to-3D reads its input view from the datamodule; fit with "
+                "datamodule=recipes.data.single_image.SingleImageDataModule(image=...)"
+            )
+        view = datamodule.reference_image()
         self.guidance.condition_on_image(view.on_white().to(self.device), view.cameras.to(self.device))
 
     def training_step(self, batch: ReferenceViewBatch, batch_idx: int) -> Tensor:
