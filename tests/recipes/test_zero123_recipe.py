@@ -160,3 +160,17 @@ def test_the_paper_size_configs_parse_and_need_an_image(recipe, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "-c", config])
     assert "image" in capsys.readouterr().err
+
+
+def test_the_depth_loss_without_a_depth_map_is_refused(tmp_path):
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[4:12, 4:12] = (200, 30, 30, 255)
+    iio.imwrite(tmp_path / "object.png", rgba)
+    with pytest.raises(ValueError, match=r"input view has no depth; pass --data\.depth"):
+        fit(
+            "zero123-gaussians",
+            tmp_path / "run",
+            f"--data.image={tmp_path / 'object.png'}",
+            "--model.reference_losses.depth=1.0",
+        )
+    assert not (tmp_path / "run").exists()
