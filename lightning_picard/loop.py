@@ -60,14 +60,17 @@ def check_trainer_supported(trainer: pl.Trainer) -> None:
 
 
 def install_picard_loop(trainer: pl.Trainer) -> None:
-    """Replace the trainer's training-epoch loop with a :class:`PicardEpochLoop` (once)."""
-    current = trainer.fit_loop.epoch_loop
-    if isinstance(current, PicardEpochLoop):  # a second fit on the same Trainer: the module may differ
-        current._fingerprint_checked = False
+    """Make the trainer's training-epoch loop a :class:`PicardEpochLoop` (once).
+
+    The loop object stays the one Lightning built: its class changes, so its progress, its validation loop and
+    anything a callback or test attached to it are kept, and references to it stay valid.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if isinstance(loop, PicardEpochLoop):  # a second fit on the same Trainer: the module may differ
+        loop._fingerprint_checked = False
         return
-    loop = PicardEpochLoop(trainer, min_steps=current.min_steps, max_steps=current.max_steps)
-    loop.val_loop = current.val_loop  # it already holds the validation data attached by `fit`
-    trainer.fit_loop.epoch_loop = loop
+    loop.__class__ = PicardEpochLoop
+    loop._init_picard_state()
 
 
 class PicardEpochLoop(TrainingEpochLoop):
@@ -75,6 +78,9 @@ class PicardEpochLoop(TrainingEpochLoop):
 
     def __init__(self, trainer: pl.Trainer, min_steps: int | None = None, max_steps: int = -1) -> None:
         super().__init__(trainer, min_steps=min_steps, max_steps=max_steps)
+        self._init_picard_state()
+
+    def _init_picard_state(self) -> None:
         self._batches: list[Any] = []
         self._exhausted = False
         self._evaluating_step: int | None = None
@@ -154,7 +160,9 @@ class PicardEpochLoop(TrainingEpochLoop):
             outputs, failure = self._evaluate_slots(n, tau, first_batch_idx)
         with trainer.profiler.profile("picard_gather"):
             status = picard_round.gather(tau, n)
-        self._raise_if_a_rank_failed(status, failure)
+        if status.failed:
+            self._accept_before_failure(status, tau, first_batch_idx)
+            self._raise_if_a_rank_failed(status, failure)
         if status.sigterm:  # as Lightning's loop, where rank 0's flag is broadcast before every step
             raise SIGTERMException()
         n = status.accepted_limit(n)
@@ -292,14 +300,15 @@ class PicardEpochLoop(TrainingEpochLoop):
     ) -> tuple[dict[int, Any], BaseException | None]:
         """Evaluate this rank's slots and record each in the round.
 
-        Returns this rank's slot outputs by slot and the exception that stopped the evaluation, if any: the round
-        records it, so that every rank learns of it at the gather.
+        Returns this rank's slot outputs by slot and the exception of its earliest failing slot, if any: the round
+        records every failure, so that every rank learns of them at the gather.
         """
         trainer = self.trainer
         picard_round = self.strategy.round
         optimizer = trainer.optimizers[0]
         results = compat.training_results(trainer)
         outputs: dict[int, Any] = {}
+        failure: BaseException | None = None
         self._logged = {}
         slots = picard_round.begin(n, sigterm=self.strategy.world_size > 1 and trainer.received_sigterm)
         for j in slots:
@@ -336,10 +345,13 @@ class PicardEpochLoop(TrainingEpochLoop):
                         )
                     picard_round.window.check_step_outputs(j, step)
             except Exception as error:
+                # Go on with the earlier slots (evaluated last first): the steps before a failure are still
+                # accepted before it is raised. The earliest failure on this rank is the one reported.
                 picard_round.record_failure(j)
                 error.picard_step = step  # type: ignore[attr-defined]
-                results.batch = self._batches[0]
-                return outputs, error
+                failure = error
+                trainer.should_stop = stop_before
+                continue
             finally:
                 self._evaluating_step = None
             stop = trainer.should_stop and not stop_before
@@ -352,7 +364,7 @@ class PicardEpochLoop(TrainingEpochLoop):
             del step_output, result
         picard_round.load(0)
         results.batch = self._batches[0]
-        return outputs, None
+        return outputs, failure
 
     def _apply_logged(self, skip: int) -> None:
         """Let the values ``self.log`` recorded at this rank's accepted slots reach Lightning's results, in step
@@ -392,6 +404,27 @@ class PicardEpochLoop(TrainingEpochLoop):
         local = apply_to_collection(outputs.get(0), torch.Tensor, lambda t: t.detach().cpu())
         shared = strategy.broadcast(local, src=0)
         return apply_to_collection(shared, torch.Tensor, lambda t: t.to(strategy.root_device))
+
+    def _accept_before_failure(self, status: RoundStatus, tau: int, first_batch_idx: int) -> None:
+        """Before raising an evaluation's error: replay and accept the steps before it, as a sequential run would
+        have taken them, so that a checkpoint written on the exception holds them (none is lost)."""
+        failed_slot = min(step for step, _ in status.failed) - tau
+        good = status.accepted_limit(failed_slot)
+        if good == 0:
+            return
+        result = self.strategy.round.replay(
+            tau,
+            good,
+            status,
+            apply_update=lambda j: self._apply_update(tau + j, first_batch_idx + j),
+            extrapolate_update=lambda j: self._apply_update(tau + j, first_batch_idx + j, step_hook=False),
+        )
+        skip = result.skip
+        del self._batches[:skip]
+        self._count_steps(skip)
+        self._apply_logged(skip)
+        self.batch_progress.increment_completed()
+        self._batches_that_stepped = tau + skip
 
     def _raise_if_a_rank_failed(self, status: RoundStatus, failure: BaseException | None) -> None:
         """If any rank's evaluation raised, every rank raises a :class:`PicardRankError` naming rank and step."""
