@@ -1,0 +1,177 @@
+"""Two nodes on localhost through Lightning's cluster environments, exact at threshold 0.
+
+Each "node" is started the way its launcher starts it: ``python script.py`` with ``NODE_RANK``
+(LightningEnvironment), ``torchrun --nnodes 2 --node_rank i`` (TorchElasticEnvironment), or with the
+variables ``srun`` exports (SLURMEnvironment, simulated: no SLURM is installed here).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import lightning_picard as lp
+from tests.toy import LAUNCH_ENVIRONMENT, ToyRegression, final_parameters, quiet_trainer_kwargs, regression_data
+
+SCRIPT = Path(__file__).parent / "scripts" / "picard_node.py"
+ROOT = Path(__file__).parents[1]
+STEPS = 12  # as in the script
+TIMEOUT_S = 90.0
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture(scope="module")
+def sequential_reference() -> torch.Tensor:
+    """The StepSeed sequential run, on one thread like every node (CPU bit-exactness needs equal thread counts)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        module = ToyRegression()
+        trainer = pl.Trainer(
+            devices=1, max_steps=STEPS, gradient_clip_val=0.5, callbacks=[lp.StepSeed(0)], **quiet_trainer_kwargs()
+        )
+        trainer.fit(module, regression_data())
+    finally:
+        torch.set_num_threads(threads)
+    return final_parameters(module)
+
+
+def _free_port(low: int = 20000, high: int = 30000) -> int:
+    """A port in ``[low, high)`` that nothing listens on now."""
+    for port in range(low + os.getpid() % (high - low), high):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low}, {high})")
+
+
+def _clean_environment() -> dict[str, str]:
+    """This process's environment without any launcher's or scheduler's variables, with one CPU thread."""
+    scheduler = ("SLURM_", "TORCHELASTIC_", "PET_")
+    launcher = {*LAUNCH_ENVIRONMENT, "GROUP_RANK", "LOCAL_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith(scheduler)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _plain(node: int, port: int, output: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    env = {**_clean_environment(), "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return [sys.executable, str(SCRIPT), str(output), *args], env
+
+
+def _torchrun(node: int, port: int, output: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+    launcher += ["--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    return [*launcher, str(SCRIPT), str(output), *args], _clean_environment()
+
+
+def _srun(node: int, port: int, output: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    """What ``srun`` exports to task ``node`` of ``sbatch --nodes 2 --ntasks-per-node 1`` (SLURMEnvironment reads
+    these). No MASTER_ADDR/MASTER_PORT: Lightning derives them from the node list and the job id, as on a cluster."""
+    env = {
+        **_clean_environment(),
+        "SLURM_JOB_ID": f"77{port - 15000:04d}",  # SLURMEnvironment's port: 15000 + the job id's last 4 digits
+        "SLURM_JOB_NAME": "picard-multinode",
+        "SLURM_NNODES": "2",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NODELIST": "127.0.0.1",
+        "SLURM_PROCID": str(node),
+        "SLURM_NODEID": str(node),
+        "SLURM_LOCALID": "0",
+    }
+    return [sys.executable, str(SCRIPT), str(output), *args], env
+
+
+LAUNCHERS = {"LightningEnvironment": _plain, "TorchElasticEnvironment": _torchrun, "SLURMEnvironment": _srun}
+
+
+def _run_nodes(launcher, output: Path, *args: str) -> list[tuple[int, str]]:
+    """Start both nodes, wait for both (killing the other as soon as one fails), return ``(returncode, stderr)``."""
+    port = _free_port(15000, 25000) if launcher is _srun else _free_port()
+    processes, logs = [], []
+    try:
+        for node in (0, 1):
+            command, env = launcher(node, port, output, *args)
+            log = open(output / f"node{node}.log", "w+")  # a file, not a pipe: a full pipe would block the node
+            logs.append(log)
+            processes.append(
+                subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+        deadline = time.monotonic() + TIMEOUT_S
+        while any(p.poll() is None for p in processes):
+            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in processes):
+                break
+            time.sleep(0.1)
+        deadline = time.monotonic() + (10 if any(p.poll() for p in processes) else 0)
+        while time.monotonic() < deadline and any(p.poll() is None for p in processes):
+            time.sleep(0.1)  # a failed node's peers get a few seconds to stop on their own
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)  # the session: torchrun's workers too
+            process.wait()
+    results = []
+    for process, log in zip(processes, logs):
+        log.seek(0)
+        results.append((process.returncode, log.read()))
+        log.close()
+    return results
+
+
+def _describe(results: list[tuple[int, str]]) -> str:
+    return "\n".join(f"--- node {i}, exit code {rc}:\n{text[-3000:]}" for i, (rc, text) in enumerate(results))
+
+
+@pytest.mark.parametrize("environment", list(LAUNCHERS))
+def test_two_nodes_are_bit_identical_to_sequential(environment, sequential_reference, tmp_path):
+    results = _run_nodes(LAUNCHERS[environment], tmp_path)
+    assert [rc for rc, _ in results] == [0, 0], _describe(results)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for rank, result in enumerate(ranks):
+        assert result["environment"] == environment
+        assert (result["global_rank"], result["node_rank"], result["local_rank"]) == (rank, rank, 0)
+        assert (result["world_size"], result["global_step"], result["threads"]) == (2, STEPS, 1)
+        assert torch.equal(result["parameters"], sequential_reference), f"rank {rank} differs from sequential"
+    first, second = (set(result["evaluated_steps"]) for result in ranks)
+    assert first | second == set(range(STEPS))
+    assert 0 in first and 0 not in second, "slot 0 (step τ) belongs to global rank 0, never to node 1's rank"
+    assert second, "node 1 evaluated no step"
+
+
+def test_a_failure_on_one_node_stops_both_with_the_named_error(tmp_path):
+    start = time.monotonic()
+    results = _run_nodes(_plain, tmp_path, "--fail-at", "5")
+    assert time.monotonic() - start < 60, _describe(results)
+    assert all(rc not in (0, None) for rc, _ in results), _describe(results)
+    assert "ValueError: bad render on the last node" in results[1][1], _describe(results)
+    assert "PicardRankError: Picard: rank 1 failed while evaluating step" in results[0][1], _describe(results)
+    assert not list(tmp_path.glob("rank*.pt"))
+
+
+@pytest.mark.slow
+def test_two_nodes_of_two_processes_launched_by_lightning(sequential_reference, tmp_path):
+    """``python script.py`` on each node; Lightning starts the second process of each node itself."""
+    results = _run_nodes(_plain, tmp_path, "--devices", "2", "--window-size", "6")
+    assert [rc for rc, _ in results] == [0, 0], _describe(results)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(4)]
+    assert [(r["global_rank"], r["node_rank"], r["local_rank"]) for r in ranks] == [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]
+    for rank, result in enumerate(ranks):
+        assert torch.equal(result["parameters"], sequential_reference), f"rank {rank} differs from sequential"
+    evaluated = [set(result["evaluated_steps"]) for result in ranks]
+    assert set().union(*evaluated) == set(range(STEPS))
+    assert all(evaluated) and all(0 not in steps for steps in evaluated[1:])
