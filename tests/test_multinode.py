@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,8 +39,7 @@ GRACE_S = 30.0
 pytestmark = pytest.mark.multiprocess
 
 
-@pytest.fixture(scope="module")
-def sequential_reference() -> torch.Tensor:
+def _sequential(steps: int) -> torch.Tensor:
     """The StepSeed sequential run, on one thread like every node (CPU bit-exactness needs equal thread counts)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -47,7 +47,7 @@ def sequential_reference() -> torch.Tensor:
         module = ToyRegression()
         trainer = pl.Trainer(
             devices=1,
-            max_steps=STEPS,
+            max_steps=steps,
             gradient_clip_val=0.5,
             callbacks=[lp.StepSeed(0)],
             **quiet_trainer_kwargs(),
@@ -56,6 +56,11 @@ def sequential_reference() -> torch.Tensor:
     finally:
         torch.set_num_threads(threads)
     return final_parameters(module)
+
+
+@pytest.fixture(scope="module")
+def sequential_reference() -> torch.Tensor:
+    return _sequential(STEPS)
 
 
 def _free_port(low: int = 20000, high: int = 30000) -> int:
@@ -80,7 +85,7 @@ def _clean_environment() -> dict[str, str]:
     return env
 
 
-def _plain(node: int, port: int, program: list[str]) -> tuple[list[str], dict[str, str]]:
+def _plain(node: int, port: int, program: list[str], output: Path) -> tuple[list[str], dict[str, str]]:
     env = {
         **_clean_environment(),
         "NODE_RANK": str(node),
@@ -90,7 +95,7 @@ def _plain(node: int, port: int, program: list[str]) -> tuple[list[str], dict[st
     return _python(program), env
 
 
-def _torchrun(node: int, port: int, program: list[str]) -> tuple[list[str], dict[str, str]]:
+def _torchrun(node: int, port: int, program: list[str], output: Path) -> tuple[list[str], dict[str, str]]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
     launcher += ["--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
     if not program[0].endswith(".py"):
@@ -98,11 +103,19 @@ def _torchrun(node: int, port: int, program: list[str]) -> tuple[list[str], dict
     return [*launcher, *program], _clean_environment()
 
 
-def _srun(node: int, port: int, program: list[str]) -> tuple[list[str], dict[str, str]]:
+def _srun(node: int, port: int, program: list[str], output: Path) -> tuple[list[str], dict[str, str]]:
     """What ``srun`` exports to task ``node`` of ``sbatch --nodes 2 --ntasks-per-node 1`` (SLURMEnvironment reads
-    these). No MASTER_ADDR/MASTER_PORT: Lightning derives them from the node list and the job id, as on a cluster."""
+    these). No MASTER_ADDR/MASTER_PORT: Lightning derives them from the node list and the job id, as on a cluster.
+    ``scontrol`` (Lightning's requeue command) is a stand-in that appends its arguments to ``output/scontrol.log``."""
+    bin_dir = output / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {output / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    env = _clean_environment()
     env = {
-        **_clean_environment(),
+        **env,
+        "PATH": os.pathsep.join([str(bin_dir), env.get("PATH", "")]),
         "SLURM_JOB_ID": f"77{port - 15000:04d}",  # SLURMEnvironment's port: 15000 + the job id's last 4 digits
         "SLURM_JOB_NAME": "picard-multinode",
         "SLURM_NNODES": "2",
@@ -121,7 +134,7 @@ def _python(program: list[str]) -> list[str]:
     return [sys.executable, *program] if program[0].endswith(".py") else program
 
 
-LAUNCHERS = {"LightningEnvironment": _plain, "TorchElasticEnvironment": _torchrun, "SLURMEnvironment": _srun}
+LAUNCHERS = {"LightningEnvironment": _plain, "TorchElasticEnvironment": _torchrun}
 
 
 def _run_nodes(launcher, output: Path, program: list[str]) -> list[tuple[int, str]]:
@@ -138,7 +151,7 @@ def _run_nodes(launcher, output: Path, program: list[str]) -> list[tuple[int, st
         ]  # a pipe could fill
         try:
             for node, log in enumerate(logs):
-                command, env = launcher(node, port, program)
+                command, env = launcher(node, port, program, output)
                 processes.append(
                     subprocess.Popen(
                         command,
@@ -177,20 +190,65 @@ def _describe(results: list[tuple[int, str]]) -> str:
     return "\n".join(f"--- node {i}, exit code {rc}:\n{text[-3000:]}" for i, (rc, text) in enumerate(results))
 
 
-@pytest.mark.parametrize("environment", list(LAUNCHERS))
-def test_two_nodes_are_bit_identical_to_sequential(environment, sequential_reference, tmp_path):
-    results = _run_nodes(LAUNCHERS[environment], tmp_path, [str(SCRIPT), str(tmp_path)])
+def _check_two_nodes(
+    results: list[tuple[int, str]], output: Path, environment: str, expected: torch.Tensor
+) -> None:
     assert [rc for rc, _ in results] == [0, 0], _describe(results)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    ranks = [torch.load(output / f"rank{rank}.pt") for rank in (0, 1)]
     for rank, result in enumerate(ranks):
         assert result["environment"] == environment
         assert (result["global_rank"], result["node_rank"], result["local_rank"]) == (rank, rank, 0)
         assert (result["world_size"], result["global_step"], result["threads"]) == (2, STEPS, 1)
-        assert torch.equal(result["parameters"], sequential_reference), f"rank {rank} differs from sequential"
+        assert torch.equal(result["parameters"], expected), f"rank {rank} differs from sequential"
     first, second = (set(result["evaluated_steps"]) for result in ranks)
     assert first | second == set(range(STEPS))
     assert 0 in first and 0 not in second, "slot 0 (step τ) belongs to global rank 0, never to node 1's rank"
     assert second, "node 1 evaluated no step"
+
+
+@pytest.mark.parametrize("environment", list(LAUNCHERS))
+def test_two_nodes_are_bit_identical_to_sequential(environment, sequential_reference, tmp_path):
+    results = _run_nodes(LAUNCHERS[environment], tmp_path, [str(SCRIPT), str(tmp_path)])
+    _check_two_nodes(results, tmp_path, environment, sequential_reference)
+
+
+def test_two_slurm_nodes_are_exact_and_requeue_from_a_sequential_state(sequential_reference, tmp_path):
+    """srun's variables; SLURM's requeue signal (SIGUSR1) reaches both ranks in the middle of a round.
+
+    Lightning's handler writes ``hpc_ckpt_1.ckpt`` and calls ``scontrol requeue``; Picard holds the signal until the
+    next round starts, so the checkpoint is the sequential state at its step and resuming from it is exact.
+    """
+    results = _run_nodes(_srun, tmp_path, [str(SCRIPT), str(tmp_path), "--signal-at", "6"])
+    _check_two_nodes(results, tmp_path, "SLURMEnvironment", sequential_reference)
+    assert re.fullmatch(r"requeue 77\d{4}\n", (tmp_path / "scontrol.log").read_text()), (
+        "rank 0 requeues, once"
+    )
+    assert [path.name for path in tmp_path.glob("hpc_ckpt_*.ckpt")] == ["hpc_ckpt_1.ckpt"]
+    checkpoint = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
+    step = checkpoint["global_step"]
+    assert 3 < step < STEPS
+    assert checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == step
+    saved = ToyRegression()
+    saved.load_state_dict(checkpoint["state_dict"])
+    assert torch.equal(final_parameters(saved), _sequential(step)), (
+        "the requeue checkpoint is no sequential state"
+    )
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        resumed = ToyRegression()
+        trainer = pl.Trainer(
+            devices=1,
+            max_steps=STEPS,
+            gradient_clip_val=0.5,
+            strategy=lp.PicardStrategy(window_size=4, threshold=0.0),
+            **quiet_trainer_kwargs(),
+        )
+        trainer.fit(resumed, regression_data(), ckpt_path=tmp_path / "hpc_ckpt_1.ckpt")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(final_parameters(resumed), sequential_reference)
 
 
 def test_a_failure_on_one_node_stops_both_with_the_named_error(tmp_path):
