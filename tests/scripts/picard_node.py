@@ -66,6 +66,7 @@ if __name__ == "__main__":
         "world_size": trainer.world_size,
         "environment": type(strategy.cluster_environment).__name__,
         "global_step": trainer.global_step,
+        "rounds": int(trainer.callback_metrics["picard/rounds"].item()),
         "threads": torch.get_num_threads(),
     }
     torch.save(result, args.output / f"rank{trainer.global_rank}.pt")
