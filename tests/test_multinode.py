@@ -204,8 +204,8 @@ def _check_two_nodes(
     assert first | second == set(range(STEPS))
     assert 0 in first and 0 not in second, "slot 0 (step τ) belongs to global rank 0, never to node 1's rank"
     assert second, "node 1 evaluated no step"
-    # At threshold 0 a slot replayed with another slot's gradient (a wrong row) is rejected, so the result is still
-    # sequential, one step per round: several steps per round need node 1's gradients in the right rows.
+    # At threshold 0, gradients in the wrong rows still give the sequential result (the guesses they produce are
+    # never accepted) at one step per round: several steps per round need node 1's gradients in the right rows.
     assert ranks[0]["rounds"] == ranks[1]["rounds"] < STEPS
 
 
