@@ -113,19 +113,20 @@ def _srun(node: int, port: int, program: list[str], output: Path) -> tuple[list[
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {output / "scontrol.log"}\n')
     scontrol.chmod(0o755)
     env = _clean_environment()
-    env = {
-        **env,
-        "PATH": os.pathsep.join([str(bin_dir), env.get("PATH", "")]),
-        "SLURM_JOB_ID": f"77{port - 15000:04d}",  # SLURMEnvironment's port: 15000 + the job id's last 4 digits
-        "SLURM_JOB_NAME": "picard-multinode",
-        "SLURM_NNODES": "2",
-        "SLURM_NTASKS": "2",
-        "SLURM_NTASKS_PER_NODE": "1",
-        "SLURM_NODELIST": "127.0.0.1",
-        "SLURM_PROCID": str(node),
-        "SLURM_NODEID": str(node),
-        "SLURM_LOCALID": "0",
-    }
+    env.update(
+        {
+            "PATH": os.pathsep.join([str(bin_dir), env.get("PATH", "")]),
+            "SLURM_JOB_ID": f"77{port - 15000:04d}",  # SLURMEnvironment's port: 15000 + the job id's last 4 digits
+            "SLURM_JOB_NAME": "picard-multinode",
+            "SLURM_NNODES": "2",
+            "SLURM_NTASKS": "2",
+            "SLURM_NTASKS_PER_NODE": "1",
+            "SLURM_NODELIST": "127.0.0.1",
+            "SLURM_PROCID": str(node),
+            "SLURM_NODEID": str(node),
+            "SLURM_LOCALID": "0",
+        }
+    )
     return _python(program), env
 
 
