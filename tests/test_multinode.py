@@ -255,6 +255,7 @@ def test_two_slurm_nodes_are_exact_and_requeue_from_a_sequential_state(sequentia
     assert torch.equal(final_parameters(resumed), sequential_reference)
 
 
+@pytest.mark.slow  # keeps the default tier of this file under 40 s on the 2-core machine
 def test_a_failure_on_one_node_stops_both_with_the_named_error(tmp_path):
     """Node 1 raises in training_step: node 0 learns of it at the round's gather, not at the collective timeout."""
     results = _run_nodes(_plain, tmp_path, [str(SCRIPT), str(tmp_path), "--fail-at", "5"])
