@@ -320,17 +320,17 @@ def test_the_failed_step_is_named_exactly_under_bf16_true_past_its_integer_range
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_status_columns_hold_exact_integers_in_every_dtype(dtype):
-    from lightning_picard.loop import _checksum, _integers
+    from lightning_picard.round import _checksum, _integers
 
     rows = torch.zeros(2, 8, dtype=dtype)
     status = _integers(rows[:, :6])
-    status[:, 3:6] = _checksum(torch.randn(1000).to(dtype))
+    status[:, 3:6] = _checksum(torch.randn(1000).to(dtype), 3)
     status[1, 0] = 32_000  # far beyond what float16 / bfloat16 hold exactly as values
     assert _integers(rows)[1, 0].item() == 32_000
     assert all(0 <= v < 2**15 for v in _integers(rows)[0, 3:6].tolist())
     changed = torch.randn(1000).to(dtype)
     assert not torch.equal(
-        _checksum(changed), _checksum(changed.clone().index_fill_(0, torch.tensor([7]), 0.5))
+        _checksum(changed, 3), _checksum(changed.clone().index_fill_(0, torch.tensor([7]), 0.5), 3)
     )
 
 

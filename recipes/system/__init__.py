@@ -1,7 +1,9 @@
-"""The shared text-to-3D system: one LightningModule composed from a scene, guidance and schedules."""
+"""The shared text-to-3D system: one LightningModule composed from a scene, guidance and schedules (and its
+image-to-3D extension)."""
 
 from recipes.system.gaussian_scene import GaussianInit, GaussianScene
 from recipes.system.guidance import ClosedFormPriorConfig, Guidance, GuidanceConfig
+from recipes.system.image_to_3d import ImageTo3D, ReferenceLossWeights
 from recipes.system.module import TextTo3D
 from recipes.system.nerf_scene import NeRFOptimizer, NeRFScene
 from recipes.system.scene import Scene
@@ -12,8 +14,10 @@ __all__ = [
     "GaussianScene",
     "Guidance",
     "GuidanceConfig",
+    "ImageTo3D",
     "NeRFOptimizer",
     "NeRFScene",
+    "ReferenceLossWeights",
     "Scene",
     "TextTo3D",
 ]
