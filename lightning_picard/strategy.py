@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -156,6 +159,8 @@ class PicardStrategy(DDPStrategy):
         self._owns_process_group = False
         self._slot_depth = 0
         self._fixed_parameters: set[int] = set()
+        self._requeue_handler: Any = None
+        self._requeue_pending: tuple[int, Any] | None = None
 
     @property
     def window_size(self) -> int:
@@ -288,6 +293,51 @@ class PicardStrategy(DDPStrategy):
             self.round.abort()
         super().on_exception(exception)
 
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._hold_requeue_signal()
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self._handle_held_requeue_signal()
+
+    def _hold_requeue_signal(self) -> None:
+        """On SLURM with auto-requeue, make the requeue signal wait for the start of the next round.
+
+        Lightning's handler writes a checkpoint where the signal lands; inside a round the module holds a guess and
+        ``global_step`` is the slot's step, so the checkpoint would be no sequential state. At a round's start the
+        module, optimizer, schedulers and progress counters hold the anchor.
+        """
+        environment = self.cluster_environment
+        if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
+            return
+        requeue_signal = environment.requeue_signal
+        if requeue_signal is None or threading.current_thread() is not threading.main_thread():
+            return
+        handler = signal.getsignal(requeue_signal)
+        if not callable(handler):
+            return
+        self._requeue_handler, self._requeue_pending = handler, None
+        signal.signal(requeue_signal, self._note_requeue_signal)
+
+    def _note_requeue_signal(self, signum: int, frame: Any) -> None:
+        self._requeue_pending = (signum, frame)
+
+    def _handle_held_requeue_signal(self) -> None:
+        pending, self._requeue_pending = self._requeue_pending, None
+        if pending is None or self._requeue_handler is None or self.global_rank != 0:
+            return  # on the other ranks Lightning's handler writes nothing and does not requeue
+        step = self.lightning_module.trainer.global_step
+        rank_zero_info(
+            f"Picard: handling SLURM's requeue signal before the round that starts at step {step}."
+        )
+        # Its checkpoint ends with a barrier that the other ranks, which got the signal in another round or drop it,
+        # would not join: run it with collectives that see this rank alone.
+        with self.slot_evaluation():
+            self._requeue_handler(*pending)
+
     def is_picard_parameter(self, parameter: torch.nn.Parameter) -> bool:
         """Whether a trainable, non-local parameter is Picard state (False for those in no optimizer)."""
         return id(parameter) not in self._fixed_parameters
@@ -395,6 +445,7 @@ class PicardStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        self._requeue_handler, self._requeue_pending = None, None
         self.round = None
         super().teardown()
         if self.world_size == 1 and self._owns_process_group and dist.is_initialized():
