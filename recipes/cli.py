@@ -145,6 +145,8 @@ class RecipeCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.model.check_data(self.datamodule)
+        if self.config.fit.get("ckpt_path") is None:
+            self.model.start_from_previous_stage()  # before anything is written; the ranks inherit or redo it
         self.model.scene.check_device(self.trainer.strategy.root_device)
         self.model.guidance_config.check_available()
         for callback in self.trainer.checkpoint_callbacks:

@@ -9,9 +9,10 @@ own. Progressive hash-grid levels and the ambient-only shading phase are pure fu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -89,26 +90,24 @@ class NeRFScene(Scene):
         mesh_threshold: float | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
-        shading = _choose(
-            "material",
-            material,
-            {"diffuse": (DiffusePointLightMaterial, diffuse), "none": (NoMaterial, unlit)},
-        )
-        backdrop = _choose(
-            "background",
-            background,
-            {
-                "solid": (SolidColorBackground, solid),
-                "environment": (NeuralEnvironmentMapBackground, environment),
-            },
-        )
-        self.renderer = VolumeRenderer(ImplicitVolume(field), shading, backdrop, renderer)
+        shading, backdrop = material_and_background(material, diffuse, unlit, background, solid, environment)
+        self.renderer = self.build_renderer(field, shading, backdrop, renderer)
         self.optimizer_config = optimizer if optimizer is not None else NeRFOptimizer()
         self.mesh_threshold = mesh_threshold
+
+    def build_renderer(
+        self, field: Any, material: nn.Module, background: nn.Module, renderer: Any
+    ) -> VolumeRenderer:
+        """The field and its renderer from their configs (a subclass renders another field)."""
+        return VolumeRenderer(ImplicitVolume(field), material, background, renderer)
 
     @property
     def geometry(self) -> ImplicitVolume:
         return self.renderer.geometry
+
+    def surface(self) -> tuple[Callable[[Tensor], Tensor], float | Literal["auto"]]:
+        """The field whose level set is the object's surface, and that level (``"auto"`` for a density)."""
+        return self.geometry.density, self.mesh_threshold
 
     def check_device(self, device: torch.device) -> None:
         backends = {
@@ -158,7 +157,8 @@ class NeRFScene(Scene):
     @torch.no_grad()
     def export_mesh(self, stem: Path, resolution: int = 128, texture_size: int | None = 512) -> list[Path]:
         geometry = self.geometry
-        mesh = marching_cubes(geometry.density, resolution, geometry.radius, level=self.mesh_threshold)
+        field, level = self.surface()
+        mesh = marching_cubes(field, resolution, geometry.radius, level=level)
         activation = getattr(self.renderer.material.config, "albedo_activation", "sigmoid")
 
         def color(points: Tensor) -> Tensor:
@@ -172,6 +172,32 @@ class NeRFScene(Scene):
         ]
 
 
+def material_and_background(
+    material: str,
+    diffuse: DiffusePointLightConfig | None,
+    unlit: NoMaterialConfig | None,
+    background: str,
+    solid: SolidColorConfig | None,
+    environment: NeuralEnvironmentMapConfig | None,
+) -> tuple[nn.Module, nn.Module]:
+    """The material (``"diffuse"`` or ``"none"``) and background (``"solid"`` or ``"environment"``) a scene's
+    config names, each built from its settings; an unknown name says which there are."""
+    shading = _choose(
+        "material",
+        material,
+        {"diffuse": (DiffusePointLightMaterial, diffuse), "none": (NoMaterial, unlit)},
+    )
+    backdrop = _choose(
+        "background",
+        background,
+        {
+            "solid": (SolidColorBackground, solid),
+            "environment": (NeuralEnvironmentMapBackground, environment),
+        },
+    )
+    return shading, backdrop
+
+
 def _choose(part: str, name: str, choices: dict[str, tuple[type[nn.Module], object]]) -> nn.Module:
     """Build the module ``choices[name]`` from its config, or say which names there are."""
     if name not in choices:
@@ -180,4 +206,4 @@ def _choose(part: str, name: str, choices: dict[str, tuple[type[nn.Module], obje
     return module_class(config)
 
 
-__all__ = ["NeRFOptimizer", "NeRFScene"]
+__all__ = ["NeRFOptimizer", "NeRFScene", "material_and_background"]
