@@ -20,6 +20,7 @@ A folder that already holds a run is never reused, except to resume it from one 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import sys
@@ -202,7 +203,7 @@ def _stages_file(argv: list[str]) -> str | None:
     """The ``-c`` argument of ``argv`` when it is a multi-stage recipe (:mod:`recipes.stages`), else None."""
     from recipes.stages import is_stages_file
 
-    for flag, value in zip(argv, argv[1:]):
+    for flag, value in itertools.pairwise(argv):
         if flag in ("-c", "--config") and is_stages_file(value):
             return value
     return None

@@ -58,7 +58,9 @@ def read_stages(path: Path) -> tuple[str, list[Stage]]:
                 f"({', '.join(known) or 'none'}); name one of them in init_from"
             )
         if not stage.config.is_file():
-            raise FileNotFoundError(f"{path}: the config of stage {stage.name!r}, {stage.config}, does not exist")
+            raise FileNotFoundError(
+                f"{path}: the config of stage {stage.name!r}, {stage.config}, does not exist"
+            )
         stages.append(stage)
     if not stages:
         raise ValueError(f"{path} lists no stages; give `stages: [{{name: …, config: …}}, …]`")
@@ -137,7 +139,16 @@ def fit_stages(stages_path: Path, args: list[str]) -> Path:
         if (stage_dir / "run.json").is_file():
             print(f"Stage {stage.name}: finished already in {stage_dir}, skipped", file=sys.stderr)
             continue
-        command = [sys.executable, "-m", "recipes.cli", "fit", "-c", str(stage.config), "--run_dir", str(stage_dir)]
+        command = [
+            sys.executable,
+            "-m",
+            "recipes.cli",
+            "fit",
+            "-c",
+            str(stage.config),
+            "--run_dir",
+            str(stage_dir),
+        ]
         if stage.init_from is not None:
             command.append(f"--model.init_from={run_dir / stage.init_from}")
         command += _tokens(common) + _tokens(per_stage[stage.name])

@@ -123,7 +123,9 @@ class DMTetScene(Scene):
                 (self.geometry.grid_vertices.norm(dim=-1) - grid.init_radius).clamp(-1.0, 1.0)
             )
         self.texture = TextureField(texture)
-        self.material, self.background = material_and_background(material, diffuse, unlit, background, solid, environment)
+        self.material, self.background = material_and_background(
+            material, diffuse, unlit, background, solid, environment
+        )
         self.backend = backend
         self.optimizer_config = optimizer if optimizer is not None else DMTetOptimizer()
         self.inherit_texture = inherit_texture

@@ -15,7 +15,7 @@ from recipes.cli import RunFolderError, main
 from recipes.guidance.loading import GuidanceModelNotFoundError
 
 SMOKE = Path(__file__).parents[2] / "recipes" / "configs" / "smoke"
-RECIPES = ("dreamgaussian", "dreamfusion")
+RECIPES = ("dreamgaussian", "dreamfusion", "textmesh", "magic3d-coarse")
 EXACT_PICARD = [
     "--trainer.devices=2",
     "--trainer.strategy=lightning_picard.PicardStrategy",

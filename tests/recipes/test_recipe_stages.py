@@ -1,0 +1,141 @@
+"""Multi-stage recipes through the command line: Magic3D's coarse → refine hand-over (smoke configs, CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import trimesh
+
+import recipes.stages
+from recipes.cli import main
+from recipes.system import DMTetScene, NeRFScene
+from recipes.system.handover import load_stage_scene
+
+SMOKE = Path(__file__).parents[2] / "recipes" / "configs" / "smoke"
+EXACT_PICARD = [
+    "--trainer.devices=2",
+    "--trainer.strategy=lightning_picard.PicardStrategy",
+    "--trainer.strategy.window_size=3",
+    "--trainer.strategy.threshold=0.0",
+    "--trainer.strategy.start_method=fork",
+]
+
+
+def state(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = run_dir / "checkpoints" / "last.ckpt"
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def in_process(command: list[str], env: dict[str, str]) -> int:
+    """What the stage runner's ``python -m recipes.cli fit …`` does, in this process (no interpreter start)."""
+    assert command[1:4] == ["-m", "recipes.cli", "fit"]
+    main(command[3:])
+    return 0
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> Path:
+    """``lightning-picard fit -c smoke/magic3d.yaml``: coarse then refine into one run folder, one thread."""
+    run_dir = tmp_path_factory.mktemp("magic3d") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(recipes.stages.subprocess, "call", in_process)
+            assert main(["fit", "-c", str(SMOKE / "magic3d.yaml"), "--run_dir", str(run_dir)]) == run_dir
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir
+
+
+def test_the_stages_share_one_run_folder(chain):
+    assert (chain / "stages.yaml").is_file()
+    for stage, recipe in (("coarse", "magic3d-coarse"), ("refine", "magic3d-refine")):
+        info = json.loads((chain / stage / "run.json").read_text())
+        assert info["recipe"] == recipe and info["steps"] == 4
+    refine_config = (chain / "refine" / "config.yaml").read_text()
+    assert f"init_from: {chain / 'coarse'}" in refine_config
+
+
+def test_the_refine_stage_starts_from_the_coarse_field_and_trains_on(chain):
+    coarse, _ = load_stage_scene(chain / "coarse")
+    assert isinstance(coarse, NeRFScene)
+    converted = DMTetScene(
+        grid={"resolution": 8},  # the smoke refine grid
+        texture={"encoding": {"n_levels": 4, "log2_hashmap_size": 10, "base_resolution": 4, "per_level_scale": 2.0},
+                 "mlp": {"n_neurons": 16}},
+        background="solid",
+    )  # fmt: skip
+    fresh_sdf = converted.geometry.sdf.detach().clone()
+    converted.init_from(coarse)
+    assert not torch.equal(converted.geometry.sdf, fresh_sdf)  # not the sphere it starts as
+    inside = coarse.geometry.density(converted.geometry.grid_vertices) > 5.0
+    assert (converted.geometry.sdf[inside] < 0).any() and (converted.geometry.sdf[~inside] > 0).any()
+    assert torch.equal(converted.texture.encoding.tables, coarse.geometry.encoding.tables)
+    refined = state(chain / "refine")
+    assert not torch.equal(refined["scene.geometry.sdf"], converted.geometry.sdf)  # four steps later
+    assert refined["scene.geometry.sdf"].sign().eq(converted.geometry.sdf.sign()).float().mean() > 0.9
+
+
+@pytest.mark.multiprocess
+def test_two_rank_picard_refine_at_threshold_zero_equals_the_sequential_one(chain, tmp_path):
+    picard = tmp_path / "refine-picard"
+    main(
+        [
+            "fit", "-c", str(SMOKE / "magic3d-refine.yaml"), "--run_dir", str(picard),
+            f"--model.init_from={chain / 'coarse'}", *EXACT_PICARD,
+        ]
+    )  # fmt: skip
+    assert json.loads((picard / "run.json").read_text())["world_size"] == 2
+    ours, theirs = state(picard), state(chain / "refine")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_the_refined_mesh_exports_and_reopens(chain):
+    paths = main(["export", "--ckpt_path", str(chain / "refine" / "checkpoints" / "last.ckpt")])
+    assert {p.suffix for p in paths} == {".obj", ".glb"}
+    for path in paths:
+        assert len(trimesh.load(path, force="mesh").faces) > 0
+
+
+def test_rerunning_the_chain_skips_finished_stages(chain, capsys):
+    before = state(chain / "refine")
+    main(["fit", "-c", str(SMOKE / "magic3d.yaml"), "--run_dir", str(chain)])
+    assert capsys.readouterr().err.count("finished already") == 2
+    after = state(chain / "refine")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_refine_stage_pointed_at_another_representation_is_refused(chain, tmp_path):
+    with pytest.raises(
+        ValueError, match=r"is a run of recipe 'magic3d-refine' \(DMTetScene\).*NeRFScene or SDFScene"
+    ):
+        main(["fit", "-c", str(SMOKE / "magic3d-refine.yaml"), "--run_dir", str(tmp_path / "run"),
+              f"--model.init_from={chain / 'refine'}"])  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_earlier_stage_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint nor a finished run folder"):
+        main(["fit", "-c", str(SMOKE / "magic3d-refine.yaml"), "--run_dir", str(tmp_path / "run"),
+              f"--model.init_from={tmp_path / 'nothing'}"])  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_starting_from_a_later_one_is_refused(tmp_path):
+    stages = tmp_path / "bad.yaml"
+    stages.write_text(
+        f"stages:\n  - {{name: refine, config: {SMOKE / 'magic3d-refine.yaml'}, init_from: coarse}}\n"
+    )
+    with pytest.raises(ValueError, match="not an earlier stage"):
+        main(["fit", "-c", str(stages)])
+
+
+def test_stage_prefixed_overrides_reach_only_their_stage():
+    pairs = recipes.stages._split(["--refine.trainer.max_steps=3", "--model.prompt", "a cat", "--x"])
+    assert pairs == [("--refine.trainer.max_steps", "3"), ("--model.prompt", "a cat"), ("--x", None)]
