@@ -9,7 +9,8 @@ Fits the config (a recipe or a stages file) sequentially (``--trainer.strategy=a
 strategy on ``--devices`` processes (one thread each, at the same time, through ``lightning-picard fit``), then
 prints for every stage: the PSNR/SSIM of the 8 held-out views (``recipes.eval.novel_view_quality``) at the stage's
 initialisation (its own, or the conversion of the previous stage's result) and after the sequential and the
-Picard fit, the steps, Picard's rounds and steps per round, and the fit seconds. ``--sequential-only`` skips Picard.
+Picard fit, the steps, Picard's rounds and steps per round, and the fit seconds. ``--sequential-only`` skips Picard;
+``--reuse`` measures the runs already finished in ``--out`` again instead of refitting them.
 """
 
 from __future__ import annotations
@@ -40,13 +41,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--sequential-only", action="store_true")
+    parser.add_argument(
+        "--reuse", action="store_true", help="measure runs already finished in --out, fit the others"
+    )
     parser.add_argument("overrides", nargs="*", help="extra fit arguments (e.g. --trainer.max_steps=100)")
     args = parser.parse_args()
     runs = {"sequential": (args.out / "sequential", ["--trainer.strategy=auto", *args.overrides])}
     if not args.sequential_only:
         picard = [f"--trainer.devices={args.devices}", *args.overrides]
         runs["picard"] = (args.out / "picard", picard)
-    fit_runs(args.config, runs, args.out / "logs")
+    finished = [name for name, (run_dir, _) in runs.items() if list(run_dir.glob("**/run.json"))]
+    if args.reuse:  # a finished run of the same command is measured again, not refit
+        to_fit = {name: run for name, run in runs.items() if name not in finished}
+    else:
+        to_fit = runs
+    if to_fit:
+        fit_runs(args.config, to_fit, args.out / "logs")
     stages = [s.name for s in read_stages(args.config)[1]] if is_stages_file(args.config) else [None]
     rows = []
     for stage in stages:

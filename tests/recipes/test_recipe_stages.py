@@ -11,7 +11,10 @@ import trimesh
 
 import recipes.stages
 from recipes.cli import main
-from recipes.system import DMTetScene, NeRFScene
+from recipes.geometry.hashgrid import HashGridConfig
+from recipes.geometry.mlp import MLPConfig
+from recipes.geometry.texture import TextureFieldConfig
+from recipes.system import DMTetGrid, DMTetScene, NeRFScene
 from recipes.system.handover import load_stage_scene
 
 SMOKE = Path(__file__).parents[2] / "recipes" / "configs" / "smoke"
@@ -64,11 +67,13 @@ def test_the_refine_stage_starts_from_the_coarse_field_and_trains_on(chain):
     coarse, _ = load_stage_scene(chain / "coarse")
     assert isinstance(coarse, NeRFScene)
     converted = DMTetScene(
-        grid={"resolution": 8},  # the smoke refine grid
-        texture={"encoding": {"n_levels": 4, "log2_hashmap_size": 10, "base_resolution": 4, "per_level_scale": 2.0},
-                 "mlp": {"n_neurons": 16}},
+        grid=DMTetGrid(resolution=8),  # the smoke refine grid and texture field
+        texture=TextureFieldConfig(
+            encoding=HashGridConfig(n_levels=4, log2_hashmap_size=10, base_resolution=4, per_level_scale=2.0),
+            mlp=MLPConfig(n_neurons=16),
+        ),
         background="solid",
-    )  # fmt: skip
+    )
     fresh_sdf = converted.geometry.sdf.detach().clone()
     converted.init_from(coarse)
     assert not torch.equal(converted.geometry.sdf, fresh_sdf)  # not the sphere it starts as
