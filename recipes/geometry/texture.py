@@ -23,16 +23,16 @@ class TextureFieldConfig:
     """Texture field settings (threestudio's ``tetrahedra-sdf-grid`` texture: the implicit-volume encoding).
 
     Attributes:
-        radius: the field spans ``[-radius, radius]^3``. Default is 1.
-        n_feature_dims: features per point (3: RGB before the material's activation). Default is 3.
         encoding: the hash grid. Default is threestudio's.
         mlp: the feature decoder. Default is threestudio's (64 neurons, 1 hidden layer).
+        radius: the field spans ``[-radius, radius]^3``. Default is 1.
+        n_feature_dims: features per point (3: RGB before the material's activation). Default is 3.
     """
 
-    radius: float = 1.0
-    n_feature_dims: int = 3
     encoding: HashGridConfig = field(default_factory=HashGridConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
+    radius: float = 1.0
+    n_feature_dims: int = 3
 
 
 class TextureField(nn.Module):
@@ -44,16 +44,8 @@ class TextureField(nn.Module):
         self.encoding = HashGridEncoding(config.encoding)
         self.feature_network = MLP(self.encoding.n_output_dims, config.n_feature_dims, config.mlp)
 
-    @property
-    def radius(self) -> float:
-        return self.config.radius
-
-    def update_step(self, step: int) -> None:
-        """Apply the hash grid's band mask for ``step``."""
-        self.encoding.update_step(step)
-
     def forward(self, points: Tensor) -> Tensor:
-        encoded = self.encoding(points_to_unit_cube(points, self.radius))
+        encoded = self.encoding(points_to_unit_cube(points, self.config.radius))
         return self.feature_network(encoded)
 
     @torch.no_grad()
@@ -70,10 +62,11 @@ class TextureField(nn.Module):
         }
         shapes = {name: tuple(p.shape) for name, p in ours.items()}
         given = {name: tuple(p.shape) for name, p in theirs.items()}
-        if shapes != given or getattr(source, "radius", self.radius) != self.radius:
+        radius = self.config.radius
+        if shapes != given or getattr(source, "radius", radius) != radius:
             raise ValueError(
                 f"the texture field cannot inherit the coarse field's colour: its parameters {given} and radius "
-                f"{getattr(source, 'radius', None)} differ from {shapes} and {self.radius}; set scene.texture's "
+                f"{getattr(source, 'radius', None)} differ from {shapes} and {radius}; set scene.texture's "
                 "radius, encoding and mlp to the coarse stage's field settings, or scene.inherit_texture: false"
             )
         for name, parameter in ours.items():

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -25,10 +25,9 @@ from recipes.data.cameras import Cameras
 from recipes.export.mesh import auto_density_threshold, export_mesh
 from recipes.geometry.dmtet import DMTetGeometry
 from recipes.geometry.texture import TextureField, TextureFieldConfig
-from recipes.render.background import NeuralEnvironmentMapConfig, SolidColorConfig
-from recipes.render.materials import DiffusePointLightConfig, NoMaterialConfig, albedo_activation
+from recipes.render.materials import albedo_activation
 from recipes.render.mesh_raster import MeshBackend, render_mesh, resolve_backend
-from recipes.system.nerf_scene import NeRFScene, material_and_background
+from recipes.system.nerf_scene import NeRFOptimizer, NeRFScene, material_and_background
 from recipes.system.scene import Scene
 from recipes.system.sdf_scene import SDFScene
 
@@ -53,30 +52,17 @@ class DMTetGrid:
 
 
 @dataclass
-class DMTetOptimizer:
-    """Adam(W) over the grid, the texture field and the background (Magic3D refine: Adam 0.01 on all).
+class DMTetOptimizer(NeRFOptimizer):
+    """Adam(W) over the grid (``lr``: its SDF and vertex offsets), the texture field and the background
+    (``background_lr``). Magic3D's refine stage: Adam 0.01 on all; ProlificDreamer's geometry stage: 0.005.
 
     Attributes:
-        name: ``"adam"`` or ``"adamw"``. Default is ``"adam"``.
-        sdf_lr: the grid's SDF. Default is 0.01.
-        deformation_lr: the grid's vertex offsets. Default is 0.01.
         texture_lr: the texture field's hash grid. Default is 0.01.
-        feature_network_lr: the texture field's MLP. Default is 0.01.
-        background_lr: a learned background. Default is 0.01.
-        betas: Adam's betas. Default is (0.9, 0.99).
-        eps: Adam's epsilon. Default is 1e-15.
-        weight_decay: AdamW's weight decay. Default is 0.
+        feature_network_lr: the texture field's MLP (ProlificDreamer's texture stage: 0.001). Default is 0.01.
     """
 
-    name: Literal["adam", "adamw"] = "adam"
-    sdf_lr: float = 0.01
-    deformation_lr: float = 0.01
     texture_lr: float = 0.01
     feature_network_lr: float = 0.01
-    background_lr: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-15
-    weight_decay: float = 0.0
 
 
 class DMTetScene(Scene):
@@ -86,34 +72,25 @@ class DMTetScene(Scene):
         grid: the tet grid. Default is :class:`DMTetGrid`'s.
         texture: the texture field; to inherit the coarse stage's colour it must have that field's radius,
             encoding and MLP. Default is threestudio's implicit-volume encoding.
-        material: ``"diffuse"`` or ``"none"``. Default is ``"diffuse"``.
-        diffuse: settings of the diffuse material. Default is threestudio's.
-        unlit: settings of the unlit material. Default is sigmoid colour.
-        background: ``"solid"`` or ``"environment"``. Default is ``"environment"``.
-        solid: the solid background. Default is white.
-        environment: the learned environment map. Default is threestudio's.
         backend: the rasterizer, ``"torch"``, ``"nvdiffrast"`` (CUDA) or ``"auto"``. Default is ``"auto"``.
         optimizer: learning rates. Default is Magic3D's refine stage.
         inherit_texture: with ``init_from``, copy the coarse field's colour into the texture field. Default is True.
         init_threshold: the coarse density that becomes the grid's surface, or ``"auto"`` (the mean of the
             non-empty densities at the grid vertices, threestudio's rule); an SDF stage uses its zero level.
             Default is ``"auto"``.
+        **appearance: ``material``, ``diffuse``, ``unlit``, ``background``, ``solid``, ``environment`` as for
+            :class:`~recipes.system.NeRFScene`.
     """
 
     def __init__(
         self,
         grid: DMTetGrid | None = None,
         texture: TextureFieldConfig | None = None,
-        material: Literal["diffuse", "none"] = "diffuse",
-        diffuse: DiffusePointLightConfig | None = None,
-        unlit: NoMaterialConfig | None = None,
-        background: Literal["solid", "environment"] = "environment",
-        solid: SolidColorConfig | None = None,
-        environment: NeuralEnvironmentMapConfig | None = None,
         backend: MeshBackend = "auto",
         optimizer: DMTetOptimizer | None = None,
         inherit_texture: bool = True,
         init_threshold: float | Literal["auto"] = "auto",
+        **appearance: Any,
     ) -> None:
         super().__init__()
         self.grid_config = grid = grid if grid is not None else DMTetGrid()
@@ -123,9 +100,7 @@ class DMTetScene(Scene):
                 (self.geometry.grid_vertices.norm(dim=-1) - grid.init_radius).clamp(-1.0, 1.0)
             )
         self.texture = TextureField(texture)
-        self.material, self.background = material_and_background(
-            material, diffuse, unlit, background, solid, environment
-        )
+        self.material, self.background = material_and_background(**appearance)
         self.backend = backend
         self.optimizer_config = optimizer if optimizer is not None else DMTetOptimizer()
         self.inherit_texture = inherit_texture
@@ -141,7 +116,7 @@ class DMTetScene(Scene):
             )
 
     def prepare_step(self, step: int) -> None:
-        for part in (self.texture, self.material, self.background):
+        for part in (self.texture.encoding, self.material, self.background):
             if hasattr(part, "update_step"):
                 part.update_step(step)
 
@@ -180,20 +155,13 @@ class DMTetScene(Scene):
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
         cfg = self.optimizer_config
-        parts = {
-            "sdf": ([self.geometry.sdf], cfg.sdf_lr),
-            "deformation": ([self.geometry.deformation], cfg.deformation_lr),
-            "texture": (list(self.texture.encoding.parameters()), cfg.texture_lr),
-            "feature_network": (list(self.texture.feature_network.parameters()), cfg.feature_network_lr),
-            "background": (list(self.background.parameters()), cfg.background_lr),
+        groups = {
+            "grid": (self.geometry.parameters(), cfg.lr),
+            "texture": (self.texture.encoding.parameters(), cfg.texture_lr),
+            "feature_network": (self.texture.feature_network.parameters(), cfg.feature_network_lr),
+            "background": (self.background.parameters(), cfg.background_lr),
         }
-        groups = []
-        for name, (params, lr) in parts.items():
-            trainable = [p for p in params if p.requires_grad]
-            if trainable:
-                groups.append({"params": trainable, "lr": lr, "name": name})
-        optimizer_class = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-        return optimizer_class(groups, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay), None
+        return cfg.build(groups), None
 
     @torch.no_grad()
     def init_from(self, previous: Scene) -> None:

@@ -12,20 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from recipes.geometry.sdf import ImplicitSDF, ImplicitSDFConfig
-from recipes.render.background import NeuralEnvironmentMapConfig, SolidColorConfig
-from recipes.render.materials import DiffusePointLightConfig, NoMaterialConfig
 from recipes.render.neus import NeuSRenderer, NeuSRendererConfig
 from recipes.system.nerf_scene import NeRFScene
+from recipes.system.optimizer import AdamSettings
 
 
 @dataclass
-class SDFOptimizer:
+class SDFOptimizer(AdamSettings):
     """Adam over the SDF scene's parts, each with its own learning rate (threestudio's TextMesh).
 
     Attributes:
@@ -34,8 +33,6 @@ class SDFOptimizer:
         feature_network_lr: the MLP that decodes the material features. Default is 0.001.
         background_lr: a learned background. Default is 0.001.
         variance_lr: NeuS's learned sharpness. Default is 0.001.
-        betas: Adam's betas. Default is (0.9, 0.99).
-        eps: Adam's epsilon. Default is 1e-15.
     """
 
     encoding_lr: float = 0.01
@@ -43,8 +40,6 @@ class SDFOptimizer:
     feature_network_lr: float = 0.001
     background_lr: float = 0.001
     variance_lr: float = 0.001
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-15
 
 
 class SDFScene(NeRFScene):
@@ -53,40 +48,22 @@ class SDFScene(NeRFScene):
     Args:
         field: the SDF field. Default is threestudio's ``implicit-sdf`` as TextMesh configures it (sphere of
             radius 0.5, progressive finite-difference normals).
-        material: ``"diffuse"`` or ``"none"``. Default is ``"diffuse"``.
-        diffuse: settings of the diffuse material. Default is threestudio's.
-        unlit: settings of the unlit material. Default is sigmoid colour.
-        background: ``"solid"`` or ``"environment"``. Default is ``"environment"``.
-        solid: the solid background. Default is white.
-        environment: the learned environment map. Default is threestudio's.
         renderer: samples per ray, occupancy grid, NeuS variance and cosine annealing. Default is threestudio's
             ``neus-volume-renderer`` without annealing (TextMesh anneals over all its steps: set
             ``cos_anneal_end_steps`` to ``trainer.max_steps``).
         optimizer: learning rates per part. Default is TextMesh's.
+        **appearance: ``material``, ``diffuse``, ``unlit``, ``background``, ``solid``, ``environment`` as for
+            :class:`~recipes.system.NeRFScene`.
     """
 
     def __init__(
         self,
         field: ImplicitSDFConfig | None = None,
-        material: Literal["diffuse", "none"] = "diffuse",
-        diffuse: DiffusePointLightConfig | None = None,
-        unlit: NoMaterialConfig | None = None,
-        background: Literal["solid", "environment"] = "environment",
-        solid: SolidColorConfig | None = None,
-        environment: NeuralEnvironmentMapConfig | None = None,
         renderer: NeuSRendererConfig | None = None,
         optimizer: SDFOptimizer | None = None,
+        **appearance: Any,
     ) -> None:
-        super().__init__(
-            field=field,  # type: ignore[arg-type]  (built by build_renderer below)
-            material=material,
-            diffuse=diffuse,
-            unlit=unlit,
-            background=background,
-            solid=solid,
-            environment=environment,
-            renderer=renderer,
-        )
+        super().__init__(field=field, renderer=renderer, **appearance)  # type: ignore[arg-type]
         self.sdf_optimizer = optimizer if optimizer is not None else SDFOptimizer()
 
     def build_renderer(
@@ -111,21 +88,15 @@ class SDFScene(NeRFScene):
         self.renderer.anneal(step)
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
-        cfg = self.sdf_optimizer
-        geometry = self.geometry
-        parts = {
-            "encoding": (geometry.encoding, cfg.encoding_lr),
-            "sdf_network": (geometry.sdf_network, cfg.sdf_network_lr),
-            "feature_network": (geometry.feature_network, cfg.feature_network_lr),
-            "variance": (self.renderer.variance, cfg.variance_lr),
-            "background": (self.renderer.background, cfg.background_lr),
+        cfg, geometry = self.sdf_optimizer, self.geometry
+        groups = {
+            "encoding": (geometry.encoding.parameters(), cfg.encoding_lr),
+            "sdf_network": (geometry.sdf_network.parameters(), cfg.sdf_network_lr),
+            "feature_network": (geometry.feature_network.parameters(), cfg.feature_network_lr),
+            "variance": (self.renderer.variance.parameters(), cfg.variance_lr),
+            "background": (self.renderer.background.parameters(), cfg.background_lr),
         }
-        groups = []
-        for name, (module, lr) in parts.items():
-            params = [p for p in module.parameters() if p.requires_grad]
-            if params:
-                groups.append({"params": params, "lr": lr, "name": name})
-        return torch.optim.Adam(groups, betas=cfg.betas, eps=cfg.eps), None
+        return cfg.build(groups), None
 
 
 __all__ = ["SDFOptimizer", "SDFScene"]

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import trimesh
+from test_recipe_cli import EXACT_PICARD, SMOKE
+from test_recipe_cli import final_state as state
 
 import recipes.stages
 from recipes.cli import main
@@ -16,20 +18,6 @@ from recipes.geometry.mlp import MLPConfig
 from recipes.geometry.texture import TextureFieldConfig
 from recipes.system import DMTetGrid, DMTetScene, NeRFScene
 from recipes.system.handover import load_stage_scene
-
-SMOKE = Path(__file__).parents[2] / "recipes" / "configs" / "smoke"
-EXACT_PICARD = [
-    "--trainer.devices=2",
-    "--trainer.strategy=lightning_picard.PicardStrategy",
-    "--trainer.strategy.window_size=3",
-    "--trainer.strategy.threshold=0.0",
-    "--trainer.strategy.start_method=fork",
-]
-
-
-def state(run_dir: Path) -> dict[str, torch.Tensor]:
-    path = run_dir / "checkpoints" / "last.ckpt"
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def in_process(command: list[str], env: dict[str, str]) -> int:
