@@ -156,8 +156,8 @@ def fit_stages(stages_path: Path, args: list[str]) -> Path:
         code = subprocess.call(command, env=env)
         if code != 0:
             raise SystemExit(
-                f"stage {stage.name!r} failed (exit code {code}, its output is above); fix it and rerun the same "
-                f"command with --run_dir {run_dir}: finished stages are kept"
+                f"stage {stage.name!r} failed (exit code {code}, its output is above); fix it, delete {stage_dir} "
+                f"and rerun the same command with --run_dir {run_dir}: finished stages are kept"
             )
     print(f"Run folder: {run_dir}", file=sys.stderr)
     return run_dir
