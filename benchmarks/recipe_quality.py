@@ -50,14 +50,15 @@ def main() -> None:
     if not args.sequential_only:
         picard = [f"--trainer.devices={args.devices}", *args.overrides]
         runs["picard"] = (args.out / "picard", picard)
-    finished = [name for name, (run_dir, _) in runs.items() if list(run_dir.glob("**/run.json"))]
+    stages = [s.name for s in read_stages(args.config)[1]] if is_stages_file(args.config) else [None]
+    last = stages[-1] or ""
+    finished = [name for name, (run_dir, _) in runs.items() if (run_dir / last / "run.json").is_file()]
     if args.reuse:  # a finished run of the same command is measured again, not refit
         to_fit = {name: run for name, run in runs.items() if name not in finished}
     else:
         to_fit = runs
     if to_fit:
         fit_runs(args.config, to_fit, args.out / "logs")
-    stages = [s.name for s in read_stages(args.config)[1]] if is_stages_file(args.config) else [None]
     rows = []
     for stage in stages:
         row: dict[str, object] = {"stage": stage or args.config.stem}

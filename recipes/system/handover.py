@@ -45,8 +45,11 @@ def load_stage_scene(path: str | Path) -> tuple[Scene, dict[str, str]]:
     config = yaml.safe_load((run_dir / CONFIG_NAME).read_text())
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--scene", type=Scene)
-    scene = parser.instantiate_classes(parser.parse_object({"scene": config["model"]["init_args"]["scene"]}))
-    scene = scene.scene
+    parsed = parser.parse_object({"scene": config["model"]["init_args"]["scene"]})
+    instantiate = (
+        getattr(parser, "instantiate", None) or parser.instantiate_classes
+    )  # renamed in jsonargparse 4.49
+    scene = instantiate(parsed).scene
     checkpoint = load_checkpoint(checkpoint_path)
     state = {
         key[len(SCENE_PREFIX) :]: value

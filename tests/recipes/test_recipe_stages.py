@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import imageio.v3 as iio
 import pytest
 import torch
 import trimesh
@@ -89,8 +90,12 @@ def test_two_rank_picard_refine_at_threshold_zero_equals_the_sequential_one(chai
         assert torch.equal(ours[name], theirs[name]), name
 
 
-def test_the_refined_mesh_exports_and_reopens(chain):
-    paths = main(["export", "--ckpt_path", str(chain / "refine" / "checkpoints" / "last.ckpt")])
+def test_the_refined_turntable_and_mesh_are_written_and_reopen(chain):
+    checkpoint = str(chain / "refine" / "checkpoints" / "last.ckpt")
+    main(["test", "--ckpt_path", checkpoint])
+    (gif,) = (chain / "refine" / "test").glob("*.gif")
+    assert iio.imread(gif).shape[0] == 4  # the smoke config's test views
+    paths = main(["export", "--ckpt_path", checkpoint])
     assert {p.suffix for p in paths} == {".obj", ".glb"}
     for path in paths:
         assert len(trimesh.load(path, force="mesh").faces) > 0
