@@ -50,7 +50,7 @@ class TextureField(nn.Module):
 
     @torch.no_grad()
     def inherit(self, source: nn.Module) -> None:
-        """Copy the parameters of ``source``'s ``encoding`` and ``feature_network`` (a NeRF or SDF field).
+        """Copy the parameters of ``source``'s ``encoding`` and ``feature_network`` (a NeRF, SDF or texture field).
 
         Raises ``ValueError`` when their shapes or the field's box differ from this field's.
         """
@@ -63,10 +63,13 @@ class TextureField(nn.Module):
         shapes = {name: tuple(p.shape) for name, p in ours.items()}
         given = {name: tuple(p.shape) for name, p in theirs.items()}
         radius = self.config.radius
-        if shapes != given or getattr(source, "radius", radius) != radius:
+        source_radius = (
+            source.config.radius if isinstance(source, TextureField) else getattr(source, "radius", None)
+        )
+        if shapes != given or source_radius != radius:
             raise ValueError(
                 f"the texture field cannot inherit the coarse field's colour: its parameters {given} and radius "
-                f"{getattr(source, 'radius', None)} differ from {shapes} and {radius}; set scene.texture's "
+                f"{source_radius} differ from {shapes} and {radius}; set scene.texture's "
                 "radius, encoding and mlp to the coarse stage's field settings, or scene.inherit_texture: false"
             )
         for name, parameter in ours.items():

@@ -7,9 +7,9 @@ over the background. The render carries the ``mesh`` for the ``normal_consistenc
 regularizers. Nothing changes between optimizer steps, so the Picard state is the parameters alone.
 
 A fresh scene is a sphere of radius ``init_radius``; :meth:`DMTetScene.init_from` starts it from a coarse NeRF or
-SDF stage instead (``--model.init_from RUN``): the grid's SDF from the coarse field at the grid vertices (a
-density at its mesh threshold, threestudio's ``geometry_convert_from``) and the texture field from the coarse
-field's encoding and feature network (``inherit_texture``).
+SDF stage instead (``--model.init_from RUN``): the grid's SDF from the coarse field at the grid vertices (a density
+at its mesh threshold, threestudio's ``geometry_convert_from``) and the texture field from the coarse field's
+encoding and feature network (``inherit_texture``); from an earlier DMTet stage it copies the shape (and texture).
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ class DMTetScene(Scene):
         init_threshold: the coarse density that becomes the grid's surface, or ``"auto"`` (the mean of the
             non-empty densities at the grid vertices, threestudio's rule); an SDF stage uses its zero level.
             Default is ``"auto"``.
+        stage: what is trained: ``"refine"`` (shape and texture, Magic3D), ``"geometry"`` (shape only, rendered as
+            its normals ``0.5·(n + 1)`` over the background; ProlificDreamer's geometry stage) or ``"texture"``
+            (texture only, the shape frozen; ProlificDreamer's texture stage). Default is ``"refine"``.
         **appearance: ``material``, ``diffuse``, ``unlit``, ``background``, ``solid``, ``environment`` as for
             :class:`~recipes.system.NeRFScene`.
     """
@@ -90,6 +93,7 @@ class DMTetScene(Scene):
         optimizer: DMTetOptimizer | None = None,
         inherit_texture: bool = True,
         init_threshold: float | Literal["auto"] = "auto",
+        stage: Literal["refine", "geometry", "texture"] = "refine",
         **appearance: Any,
     ) -> None:
         super().__init__()
@@ -105,6 +109,11 @@ class DMTetScene(Scene):
         self.optimizer_config = optimizer if optimizer is not None else DMTetOptimizer()
         self.inherit_texture = inherit_texture
         self.init_threshold = init_threshold
+        if stage not in ("refine", "geometry", "texture"):
+            raise ValueError(f"unknown DMTet stage {stage!r}; use 'refine', 'geometry' or 'texture'")
+        self.stage = stage
+        if stage == "texture":
+            self.geometry.fix_geometry()
 
     def check_device(self, device: torch.device) -> None:
         resolve_backend(self.backend, device)
@@ -139,6 +148,8 @@ class DMTetScene(Scene):
         light = cameras.light_positions[:, None, None, :].expand(batch, height, width, 3)
 
         def shade(position: Tensor, normal: Tensor) -> Tensor:
+            if self.stage == "geometry":
+                return 0.5 * (normal + 1.0)
             features = self.texture(position.reshape(-1, 3)).reshape(batch, height, width, -1)
             return self.material(features, position, normal, light, shading, ambient_ratio)
 
@@ -161,15 +172,20 @@ class DMTetScene(Scene):
             "feature_network": (self.texture.feature_network.parameters(), cfg.feature_network_lr),
             "background": (self.background.parameters(), cfg.background_lr),
         }
+        if self.stage == "geometry":  # the texture is not rendered
+            del groups["texture"], groups["feature_network"]
         return cfg.build(groups), None
 
     @torch.no_grad()
     def init_from(self, previous: Scene) -> None:
-        """The grid's SDF (and the texture) from a trained NeRF or SDF scene; any other scene is refused."""
+        """The grid's SDF (and the texture) from a trained NeRF, SDF or DMTet scene; any other scene is refused."""
+        if isinstance(previous, DMTetScene):
+            self._init_from_grid(previous)
+            return
         if not isinstance(previous, NeRFScene):
             raise ValueError(
-                f"a DMTetScene starts from a NeRFScene or SDFScene stage, not from a {type(previous).__name__}; "
-                "pass the run folder of a NeRF or SDF stage (e.g. a magic3d-coarse run)"
+                f"a DMTetScene starts from a NeRFScene, SDFScene or DMTetScene stage, not from a "
+                f"{type(previous).__name__}; pass the run folder of such a stage (e.g. a magic3d-coarse run)"
             )
         field, level = previous.surface()
         device = self.geometry.sdf.device
@@ -191,6 +207,19 @@ class DMTetScene(Scene):
             )
         if self.inherit_texture:
             self.texture.inherit(previous.geometry)
+
+    def _init_from_grid(self, previous: DMTetScene) -> None:
+        """Copy an earlier DMTet stage's shape (same grid) and, with ``inherit_texture``, its texture field."""
+        ours, theirs = self.grid_config, previous.grid_config
+        if (ours.resolution, ours.radius) != (theirs.resolution, theirs.radius):
+            raise ValueError(
+                f"the earlier DMTet stage has a grid of resolution {theirs.resolution} and radius {theirs.radius}, "
+                f"this one {ours.resolution} and {ours.radius}; set scene.init_args.grid to the earlier stage's"
+            )
+        self.geometry.sdf.copy_(previous.geometry.sdf)
+        self.geometry.deformation.copy_(previous.geometry.deformation)
+        if self.inherit_texture:
+            self.texture.inherit(previous.texture)
 
     @torch.no_grad()
     def export_mesh(self, stem: Path, resolution: int = 128, texture_size: int | None = 512) -> list[Path]:

@@ -109,13 +109,34 @@ def test_rerunning_the_chain_skips_finished_stages(chain, capsys):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_a_refine_stage_pointed_at_another_representation_is_refused(chain, tmp_path):
+def test_a_refine_stage_pointed_at_another_representation_is_refused(tmp_path):
+    gaussians = tmp_path / "gaussians"
+    main(
+        ["fit", "-c", str(SMOKE / "dreamgaussian.yaml"), "--run_dir", str(gaussians), "--trainer.max_steps=1"]
+    )
     with pytest.raises(
-        ValueError, match=r"is a run of recipe 'magic3d-refine' \(DMTetScene\).*NeRFScene or SDFScene"
+        ValueError, match=r"is a run of recipe 'dreamgaussian' \(GaussianScene\).*DMTetScene starts"
     ):
         main(["fit", "-c", str(SMOKE / "magic3d-refine.yaml"), "--run_dir", str(tmp_path / "run"),
-              f"--model.init_from={chain / 'refine'}"])  # fmt: skip
+              f"--model.init_from={gaussians}"])  # fmt: skip
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dmtet_stage_starts_from_an_earlier_one_and_the_texture_stage_trains_only_the_texture(chain):
+    refined, _ = load_stage_scene(chain / "refine")
+    texture_stage = DMTetScene(
+        grid=DMTetGrid(resolution=8), texture=refined.texture.config, stage="texture", background="solid"
+    )
+    texture_stage.init_from(refined)
+    assert torch.equal(texture_stage.geometry.sdf, refined.geometry.sdf)
+    assert torch.equal(texture_stage.texture.encoding.tables, refined.texture.encoding.tables)
+    optimizer, _ = texture_stage.configure_optimizers()
+    assert [group["name"] for group in optimizer.param_groups] == ["texture", "feature_network"]
+    geometry_stage = DMTetScene(grid=DMTetGrid(resolution=8), stage="geometry", background="solid")
+    optimizer, _ = geometry_stage.configure_optimizers()
+    assert [group["name"] for group in optimizer.param_groups] == ["grid"]
+    with pytest.raises(ValueError, match="grid of resolution 8"):
+        DMTetScene(grid=DMTetGrid(resolution=6)).init_from(refined)
 
 
 def test_a_missing_earlier_stage_is_refused(tmp_path):
