@@ -33,6 +33,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import lightning_picard  # noqa: F401  (registers the "picard" strategies)
+from recipes.dashboard import Dashboard
 from recipes.system.module import TextTo3D
 
 RUN_DIR_ENV = "LIGHTNING_PICARD_RUN_DIR"
@@ -108,17 +109,14 @@ class RecipeCLI(LightningCLI):
             default=None,
             help="Exact run folder (default: <trainer.default_root_dir or outputs>/<recipe>/<prompt>@<time>).",
         )
+        parser.add_lightning_class_args(Dashboard, "dashboard")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self.subcommand == "fit":
             run_dir = self._fit_run_dir(config)
             config.trainer.default_root_dir = str(run_dir)
-            if config.trainer.logger in (None, True):
-                config.trainer.logger = Namespace(
-                    class_path="lightning.pytorch.loggers.CSVLogger",
-                    init_args=Namespace(save_dir=str(run_dir), name="", version=""),
-                )
+            config.trainer.logger = run_folder_loggers(config.trainer.logger, run_dir)
         else:  # test, validate, predict, export: one process, outputs into the checkpoint's run folder
             ckpt_path = config.get("ckpt_path")
             run_dir = run_dir_of_checkpoint(ckpt_path) if ckpt_path else None
@@ -150,6 +148,8 @@ class RecipeCLI(LightningCLI):
         for callback in self.trainer.checkpoint_callbacks:
             if callback.save_last is None:
                 callback.save_last = True
+            if callback.dirpath is None:  # not under a logger's name/version folders
+                callback.dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints")
         print(f"Run folder: {self.trainer.default_root_dir}", file=sys.stderr)
 
     def before_test(self) -> None:
@@ -162,6 +162,36 @@ class RecipeCLI(LightningCLI):
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         if ckpt_path:
             self.model.check_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
+
+
+CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+FOLDERLESS_LOGGERS = ("lightning.pytorch.loggers.TensorBoardLogger", CSV_LOGGER)
+"""Loggers that write into ``save_dir/name/version``: given empty ``name`` and ``version`` (the run folder itself)."""
+
+
+def run_folder_loggers(logger: Any, run_dir: Path) -> Any:
+    """The loggers of a fit, writing into ``run_dir``: a CSVLogger by default; a chosen one (``WandbLogger``,
+    ``TensorBoardLogger``, …) without a ``save_dir`` of its own gets ``run_dir``, and a CSVLogger beside it, so that
+    ``metrics.csv`` is always in the run folder (``lightning-picard plot`` reads it). ``False`` stays ``False``."""
+    csv_logger = Namespace(
+        class_path=CSV_LOGGER, init_args=Namespace(save_dir=str(run_dir), name="", version="")
+    )
+    if logger in (None, True):
+        return csv_logger
+    if logger is False:
+        return False
+    loggers = list(logger) if isinstance(logger, list) else [logger]
+    for item in loggers:
+        init_args = item.get("init_args") if isinstance(item, Namespace) else None
+        if init_args is None:
+            continue
+        if init_args.get("save_dir") in (None, "", "."):
+            init_args.save_dir = str(run_dir)
+            if item.class_path in FOLDERLESS_LOGGERS:
+                init_args.name, init_args.version = "", ""
+    if not any(isinstance(item, Namespace) and item.get("class_path") == CSV_LOGGER for item in loggers):
+        loggers.append(csv_logger)
+    return loggers
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -237,6 +267,8 @@ def main(args: list[str] | None = None) -> Any:
         return demo_main(argv[1:])
     if command == "export":
         return export(argv[1:])
+    if command in COMMANDS:
+        return _run_command(command, argv[1:])
     if command in ("test", "validate", "predict"):
         argv = _with_run_config(argv)
     try:
@@ -244,6 +276,22 @@ def main(args: list[str] | None = None) -> Any:
     finally:
         if command == "fit" and os.environ.get("LOCAL_RANK", "0") == "0":
             os.environ.pop(RUN_DIR_ENV, None)
+
+
+COMMANDS = {"plot": "recipes.dashboard.plots", "eval": "recipes.eval.command"}
+"""Subcommands outside LightningCLI: name → module with ``main(argv)``."""
+
+
+def _run_command(command: str, argv: list[str]) -> Any:
+    """Run ``lightning-picard COMMAND``; its input errors (missing files, models) end in one line, exit status 2."""
+    import importlib
+
+    module = importlib.import_module(COMMANDS[command])
+    try:
+        return module.main(argv)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"lightning-picard {command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def entry_point() -> None:
