@@ -33,8 +33,8 @@ def _pyplot() -> Any:
 
 
 def heat_map_figure(records: Sequence[RoundRecord], title: str = "Picard convergence") -> Any:
-    """Error per window slot (rows) per round (columns) in log₁₀, with the slots each round accepted outlined by
-    a white line (its threshold crossing) and, below, the threshold and the round's largest error."""
+    """Error per window slot (rows) per round (columns) in log₁₀, with the steps each round accepted (its
+    ``skip``: the slots up to the first error above the threshold) as a red line and, below, the threshold and the round's largest error."""
     import numpy as np
 
     if not records:
@@ -58,9 +58,9 @@ def heat_map_figure(records: Sequence[RoundRecord], title: str = "Picard converg
     )
     figure.colorbar(image, ax=top, label="log10 error")
     skips = np.array([r.skip for r in records], dtype=float)
-    top.step(
-        rounds, skips + 0.5, where="mid", color="white", linewidth=1.5, label="accepted (error ≤ threshold)"
-    )
+    edges = np.arange(len(records) + 1) - 0.5
+    top.stairs(skips + 0.5, edges, baseline=None, color="tab:red", linewidth=2, label="steps accepted (skip)")
+    top.set_ylim(0.5, matrix.shape[0] + 0.5)
     top.set_ylabel("window slot j (step τ + j)")
     top.set_title(title)
     top.legend(loc="upper right", fontsize=8, framealpha=0.6)
@@ -69,6 +69,7 @@ def heat_map_figure(records: Sequence[RoundRecord], title: str = "Picard converg
     bottom.semilogy(rounds, np.maximum(threshold, floor), label="threshold", color="tab:red")
     bottom.semilogy(rounds, np.maximum(worst, floor), label="largest error", color="tab:blue", alpha=0.7)
     bottom.set_xlabel("round")
+    bottom.xaxis.get_major_locator().set_params(integer=True)
     bottom.legend(fontsize=8)
     return figure
 
@@ -97,14 +98,14 @@ CURVES = (
 
 
 def curves_figure(series: dict[str, list[tuple[int, float]]]) -> Any:
-    """One panel per group of ``picard/*`` metrics present and one of the losses (``train/*``), over the optimizer
+    """One panel per group of ``picard/*`` metrics present and one of the losses and one of the other ``train/*`` values, over the optimizer
     step (τ): the same axis as a sequential run's curves."""
     plt = _pyplot()
     groups = [[n for n in group if n in series] for group in CURVES]
     groups = [g for g in groups if g]
-    losses = sorted(n for n in series if n.startswith("train/"))
-    if losses:
-        groups.append(losses)
+    train = sorted(n for n in series if n.startswith("train/"))
+    losses = [n for n in train if "loss" in n]
+    groups += [g for g in (losses, [n for n in train if n not in losses]) if g]
     if not groups:
         raise ValueError("metrics.csv has no picard/* or train/* metrics to plot")
     figure, axes = plt.subplots(len(groups), 1, figsize=(8, 2.4 * len(groups)), sharex=True, squeeze=False)
