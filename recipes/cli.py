@@ -1,4 +1,5 @@
-"""``lightning-picard``: the recipes' command line (LightningCLI with run folders, plus ``export`` and ``demo``).
+"""``lightning-picard``: the recipes' command line (LightningCLI with run folders, plus ``export``, ``plot``, ``eval``
+and ``demo``).
 
 ::
 
@@ -6,12 +7,15 @@
     lightning-picard fit -c … --trainer.strategy=auto          # the sequential baseline, same per-step seeds
     lightning-picard test --ckpt_path RUN/checkpoints/last.ckpt  # the 120-view turntable into RUN/test
     lightning-picard export --ckpt_path RUN/checkpoints/last.ckpt  # the mesh into RUN/export
+    lightning-picard plot RUN                                  # heat map and curves to PNG (RUN/plots)
+    lightning-picard eval RUN… --clip MODEL                    # CLIP R-Precision, CLIP-FID of the turntables
     lightning-picard demo                                      # sequential vs Picard on this CPU
 
 ``fit`` writes one folder per run, ``<root>/<recipe>/<prompt>@<time>`` with root ``--trainer.default_root_dir``
 (default ``outputs``) or exactly ``--run_dir``: the resolved ``config.yaml``, ``metrics.csv``,
 ``checkpoints/`` (``last.ckpt`` at the end), ``val/`` images; ``test`` adds ``test/`` (turntable .mp4/.gif) and
-``export`` adds ``export/`` (``mesh.obj`` with its texture, ``mesh.glb``). ``test`` and ``export`` find the
+``export`` adds ``export/`` (``mesh.obj`` with its texture, ``mesh.glb``); the :class:`~recipes.dashboard.Dashboard`
+(``--dashboard.*``) adds ``picard_rounds.csv``, ``plots/`` and the end-of-fit turntable, and feeds W&B/TensorBoard. ``test`` and ``export`` find the
 run's ``config.yaml`` from the checkpoint, so ``-c`` is only needed for a checkpoint outside a run folder.
 A folder that already holds a run is never reused, except to resume it from one of its own checkpoints.
 """

@@ -101,23 +101,37 @@ class Clip:
 def load_clip(name_or_path: str) -> Clip:
     """A CLIP model and tokenizer from a local folder or a Hugging Face id in the cache (offline-safe); raises
     :class:`ClipModelNotFoundError` when neither has it."""
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel
 
+    advice = (
+        "pass --clip a local folder holding a transformers CLIPModel and its tokenizer, or a Hub id already in the "
+        "cache (e.g. download openai/clip-vit-base-patch32 once with network access)"
+    )
+    if (name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()) and not Path(
+        name_or_path
+    ).expanduser().is_dir():
+        raise ClipModelNotFoundError(f"CLIP model folder {name_or_path} does not exist; {advice}")
     try:
         model = CLIPModel.from_pretrained(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except OSError as error:
+        reason = str(error).splitlines()[0]
         raise ClipModelNotFoundError(
-            f"CLIP model {name_or_path!r} was not found ({str(error).splitlines()[0]}); pass --clip a local folder "
-            "holding a transformers CLIPModel and its tokenizer, or a Hub id already in the cache (e.g. download "
-            "openai/clip-vit-base-patch32 once with network access)"
+            f"CLIP model {name_or_path!r} was not found ({reason}); {advice}"
         ) from None
-    try:
-        processor = CLIPImageProcessor.from_pretrained(name_or_path)
-        mean, std = processor.image_mean, processor.image_std
-    except OSError:
-        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    mean, std = _normalisation(name_or_path)
     return Clip(ClipImageFeatures(model, mean, std), tokenizer)
+
+
+def _normalisation(name_or_path: str) -> tuple[Sequence[float], Sequence[float]]:
+    """``image_mean`` and ``image_std`` of the model's ``preprocessor_config.json``, else OpenAI CLIP's."""
+    import json
+
+    from transformers.utils import cached_file
+
+    path = cached_file(name_or_path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+    config = json.loads(Path(path).read_text()) if path else {}
+    return config.get("image_mean", OPENAI_CLIP_MEAN), config.get("image_std", OPENAI_CLIP_STD)
 
 
 def r_precision(
