@@ -103,6 +103,10 @@ class Dashboard(pl.Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.recorder.on_train_end(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the Trainer's teardown (so not in the run's ``fit_seconds``), before the loggers are finalised."""
         if not trainer.is_global_zero:
             return
         step = trainer.global_step
@@ -130,7 +134,12 @@ class Dashboard(pl.Callback):
         render = getattr(pl_module, "render_views", None)
         if datamodule is None or not hasattr(datamodule, "test_dataloader") or render is None:
             return None
-        frames = torch.cat([render(cameras).cpu() for cameras in datamodule.test_dataloader()])
+        device = pl_module.device
+        pl_module.to(trainer.strategy.root_device)  # the teardown moved it to the CPU
+        try:
+            frames = torch.cat([render(cameras).cpu() for cameras in datamodule.test_dataloader()])
+        finally:
+            pl_module.to(device)
         write_video(stem.with_suffix(".gif"), frames, self.fps)
         save_image(stem.with_suffix(".png"), image_grid(frames[:: max(1, len(frames) // 8)][:8]))
         return write_video(stem.with_suffix(".mp4"), frames, self.fps)

@@ -150,3 +150,9 @@ def test_chosen_loggers_write_into_the_run_folder_beside_a_csv_logger(tmp_path):
         "",
     )
     assert elsewhere.init_args.save_dir == "/x"
+
+
+def test_plot_of_a_sequential_run_draws_the_curves_only(picard_run, tmp_path):
+    (tmp_path / "metrics.csv").write_text((picard_run / "metrics.csv").read_text())  # no picard_rounds.csv
+    assert [p.name for p in main(["plot", str(tmp_path)])] == ["curves.png"]
+    assert (tmp_path / "plots" / "curves.png").is_file()
