@@ -290,10 +290,12 @@ def _run_command(command: str, argv: list[str]) -> Any:
     """Run ``lightning-picard COMMAND``; its input errors (missing files, models) end in one line, exit status 2."""
     import importlib
 
+    from recipes.dashboard.plots import NothingToPlotError
+
     module = importlib.import_module(COMMANDS[command])
     try:
         return module.main(argv)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, NothingToPlotError) as error:
         print(f"lightning-picard {command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -23,6 +23,10 @@ from recipes.dashboard.rounds import ROUNDS_FILE, RoundRecord, error_matrix, rea
 METRICS_FILE = "metrics.csv"
 
 
+class NothingToPlotError(ValueError):
+    """The run folder's files hold nothing this plot draws."""
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -38,7 +42,7 @@ def heat_map_figure(records: Sequence[RoundRecord], title: str = "Picard converg
     import numpy as np
 
     if not records:
-        raise ValueError("no Picard rounds to plot (a sequential run, or no round finished)")
+        raise NothingToPlotError("no Picard rounds to plot (a sequential run, or no round finished)")
     plt = _pyplot()
     matrix = np.array(error_matrix(records), dtype=float).T  # [slots, rounds]
     positive = matrix[np.isfinite(matrix) & (matrix > 0)]
@@ -107,7 +111,7 @@ def curves_figure(series: dict[str, list[tuple[int, float]]]) -> Any:
     losses = [n for n in train if "loss" in n]
     groups += [g for g in (losses, [n for n in train if n not in losses]) if g]
     if not groups:
-        raise ValueError("metrics.csv has no picard/* or train/* metrics to plot")
+        raise NothingToPlotError("metrics.csv has no picard/* or train/* metrics to plot")
     figure, axes = plt.subplots(len(groups), 1, figsize=(8, 2.4 * len(groups)), sharex=True, squeeze=False)
     for axis, group in zip(axes[:, 0], groups, strict=True):
         logarithmic = any("error" in n or "threshold" in n for n in group)
