@@ -3,7 +3,6 @@ whichever loggers the Trainer has (W&B, TensorBoard, CSV)."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +176,7 @@ def _tensorboard_gif(logger: Logger, tag: str, gif: Path, step: int) -> None:
 
     with Image.open(gif) as image:
         width, height = image.size
-    encoded = io.BytesIO(gif.read_bytes()).getvalue()
+    encoded = gif.read_bytes()
     summary = Summary(
         value=[
             Summary.Value(
