@@ -1,4 +1,5 @@
-"""``lightning-picard``: the recipes' command line (LightningCLI with run folders, plus ``export`` and ``demo``).
+"""``lightning-picard``: the recipes' command line (LightningCLI with run folders, plus ``export``, ``plot``, ``eval``
+and ``demo``).
 
 ::
 
@@ -6,13 +7,16 @@
     lightning-picard fit -c … --trainer.strategy=auto          # the sequential baseline, same per-step seeds
     lightning-picard test --ckpt_path RUN/checkpoints/last.ckpt  # the 120-view turntable into RUN/test
     lightning-picard export --ckpt_path RUN/checkpoints/last.ckpt  # the mesh into RUN/export
+    lightning-picard plot RUN                                  # heat map and curves to PNG (RUN/plots)
+    lightning-picard eval RUN… --clip MODEL                    # CLIP R-Precision, CLIP-FID of the turntables
     lightning-picard demo                                      # sequential vs Picard on this CPU
     lightning-picard fit -c recipes/configs/magic3d.yaml …     # a multi-stage recipe, stage after stage (stages.py)
 
 ``fit`` writes one folder per run, ``<root>/<recipe>/<prompt>@<time>`` with root ``--trainer.default_root_dir``
 (default ``outputs``) or exactly ``--run_dir``: the resolved ``config.yaml``, ``metrics.csv``,
 ``checkpoints/`` (``last.ckpt`` at the end), ``val/`` images; ``test`` adds ``test/`` (turntable .mp4/.gif) and
-``export`` adds ``export/`` (``mesh.obj`` with its texture, ``mesh.glb``). ``test`` and ``export`` find the
+``export`` adds ``export/`` (``mesh.obj`` with its texture, ``mesh.glb``); the :class:`~recipes.dashboard.Dashboard`
+(``--dashboard.*``) adds ``picard_rounds.csv``, ``plots/`` and the end-of-fit turntable, and feeds W&B/TensorBoard. ``test`` and ``export`` find the
 run's ``config.yaml`` from the checkpoint, so ``-c`` is only needed for a checkpoint outside a run folder.
 A folder that already holds a run is never reused, except to resume it from one of its own checkpoints.
 """
@@ -35,6 +39,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import lightning_picard  # noqa: F401  (registers the "picard" strategies)
+from recipes.dashboard import Dashboard
 from recipes.system.module import TextTo3D
 
 RUN_DIR_ENV = "LIGHTNING_PICARD_RUN_DIR"
@@ -110,17 +115,14 @@ class RecipeCLI(LightningCLI):
             default=None,
             help="Exact run folder (default: <trainer.default_root_dir or outputs>/<recipe>/<prompt>@<time>).",
         )
+        parser.add_lightning_class_args(Dashboard, "dashboard")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self.subcommand == "fit":
             run_dir = self._fit_run_dir(config)
             config.trainer.default_root_dir = str(run_dir)
-            if config.trainer.logger in (None, True):
-                config.trainer.logger = Namespace(
-                    class_path="lightning.pytorch.loggers.CSVLogger",
-                    init_args=Namespace(save_dir=str(run_dir), name="", version=""),
-                )
+            config.trainer.logger = run_folder_loggers(config.trainer.logger, run_dir)
         else:  # test, validate, predict, export: one process, outputs into the checkpoint's run folder
             ckpt_path = config.get("ckpt_path")
             run_dir = run_dir_of_checkpoint(ckpt_path) if ckpt_path else None
@@ -154,6 +156,8 @@ class RecipeCLI(LightningCLI):
         for callback in self.trainer.checkpoint_callbacks:
             if callback.save_last is None:
                 callback.save_last = True
+            if callback.dirpath is None:  # not under a logger's name/version folders
+                callback.dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints")
         print(f"Run folder: {self.trainer.default_root_dir}", file=sys.stderr)
 
     def before_test(self) -> None:
@@ -166,6 +170,36 @@ class RecipeCLI(LightningCLI):
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         if ckpt_path:
             self.model.check_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
+
+
+CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+FOLDERLESS_LOGGERS = ("lightning.pytorch.loggers.TensorBoardLogger", CSV_LOGGER)
+"""Loggers that write into ``save_dir/name/version``: given empty ``name`` and ``version`` (the run folder itself)."""
+
+
+def run_folder_loggers(logger: Any, run_dir: Path) -> Any:
+    """The loggers of a fit, writing into ``run_dir``: a CSVLogger by default; a chosen one (``WandbLogger``,
+    ``TensorBoardLogger``, …) without a ``save_dir`` of its own gets ``run_dir``, and a CSVLogger beside it, so that
+    ``metrics.csv`` is always in the run folder (``lightning-picard plot`` reads it). ``False`` stays ``False``."""
+    csv_logger = Namespace(
+        class_path=CSV_LOGGER, init_args=Namespace(save_dir=str(run_dir), name="", version="")
+    )
+    if logger in (None, True):
+        return csv_logger
+    if logger is False:
+        return False
+    loggers = list(logger) if isinstance(logger, list) else [logger]
+    for item in loggers:
+        init_args = item.get("init_args") if isinstance(item, Namespace) else None
+        if init_args is None:
+            continue
+        if init_args.get("save_dir") in (None, "", "."):
+            init_args.save_dir = str(run_dir)
+            if item.class_path in FOLDERLESS_LOGGERS:
+                init_args.name, init_args.version = "", ""
+    if not any(isinstance(item, Namespace) and item.get("class_path") == CSV_LOGGER for item in loggers):
+        loggers.append(csv_logger)
+    return loggers
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -251,6 +285,8 @@ def main(args: list[str] | None = None) -> Any:
         return demo_main(argv[1:])
     if command == "export":
         return export(argv[1:])
+    if command in COMMANDS:
+        return _run_command(command, argv[1:])
     if command in ("test", "validate", "predict"):
         argv = _with_run_config(argv)
     if command == "fit":
@@ -265,6 +301,24 @@ def main(args: list[str] | None = None) -> Any:
     finally:
         if command == "fit" and os.environ.get("LOCAL_RANK", "0") == "0":
             os.environ.pop(RUN_DIR_ENV, None)
+
+
+COMMANDS = {"plot": "recipes.dashboard.plots", "eval": "recipes.eval.command"}
+"""Subcommands outside LightningCLI: name → module with ``main(argv)``."""
+
+
+def _run_command(command: str, argv: list[str]) -> Any:
+    """Run ``lightning-picard COMMAND``; its input errors (missing files, models) end in one line, exit status 2."""
+    import importlib
+
+    from recipes.dashboard.plots import NothingToPlotError
+
+    module = importlib.import_module(COMMANDS[command])
+    try:
+        return module.main(argv)
+    except (FileNotFoundError, NothingToPlotError) as error:
+        print(f"lightning-picard {command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def entry_point() -> None:
