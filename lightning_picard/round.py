@@ -129,7 +129,8 @@ class PicardRound:
         self._columns["loss_kind"] = 4 + self._checksum
         self._columns["loss"] = self._columns["loss_kind"] + 1
         self._status = self._columns["loss"] + self._loss_columns
-        self._gradients: dict[int, torch.Tensor] = {}
+        self.last_result: RoundResult | None = None
+        """The latest round's result (``window_start``, ``skip``, ``errors`` per slot, ``threshold``)."""
 
     @property
     def flat(self) -> FlatParameters:
@@ -256,7 +257,7 @@ class PicardRound:
         gathered = self._gathered
         start = self._status
         rows = [self.ownership.gathered_row(j) for j in range(n)]
-        return self.window.run_round(
+        self.last_result = self.window.run_round(
             tau,
             n,
             gradient_row=lambda j: gathered[rows[j], start:],  # type: ignore[index]
@@ -265,6 +266,7 @@ class PicardRound:
             presence=status.presence[:n],
             extrapolate_update=extrapolate_update,
         )
+        return self.last_result
 
     def abort(self) -> bool:
         """After an exception: the anchor back into the module and optimizer (see :meth:`PicardWindow.abort_round`)."""

@@ -35,7 +35,7 @@ from lightning_picard.hooks import (
 from lightning_picard.loop import check_trainer_supported, install_picard_loop
 from lightning_picard.round import PicardRound, SlotOwnership
 from lightning_picard.snapshot import OptimizerSnapshot
-from lightning_picard.window import PicardWindow
+from lightning_picard.window import PicardWindow, RoundResult
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -181,6 +181,12 @@ class PicardStrategy(DDPStrategy):
     def window(self) -> PicardWindow | None:
         """The running fit's window (anchor and guesses); ``None`` outside ``fit``."""
         return self.round.window if self.round is not None else None
+
+    @property
+    def last_round(self) -> RoundResult | None:
+        """The latest round's :class:`~lightning_picard.window.RoundResult` (its per-slot ``errors``, ``skip`` and
+        ``threshold``), set before that round's ``on_train_batch_end``; ``None`` before the first round."""
+        return self.round.last_result if self.round is not None else None
 
     @property
     def flat(self) -> FlatParameters | None:

@@ -91,3 +91,26 @@ def test_replay_accepts_exact_guesses_and_slides():
         result = picard_round.replay(0, 2, status, apply_update=lambda j: optimizer.step())
         assert result.skip >= 1
     assert torch.all(params[0] < 1)
+
+
+def test_the_strategy_exposes_the_last_round_to_callbacks():
+    import lightning.pytorch as pl
+
+    import lightning_picard as lp
+    from tests.toy import ToyRegression, quiet_trainer_kwargs, regression_data
+
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen.append(trainer.strategy.last_round)
+
+    strategy = lp.PicardStrategy(window_size=3, tolerance=1.0)
+    assert strategy.last_round is None
+    trainer = pl.Trainer(
+        devices=1, strategy=strategy, **quiet_trainer_kwargs(max_steps=9, callbacks=[Watch()])
+    )
+    trainer.fit(ToyRegression(), regression_data())
+    assert 3 <= len(seen) <= 9, "one result per round"
+    assert [r.window_start for r in seen] == sorted({r.window_start for r in seen})
+    assert sum(r.skip for r in seen) == 9 and all(len(r.errors) <= 3 for r in seen)

@@ -39,54 +39,9 @@ class RoundRecord:
 
 
 def last_round(trainer: pl.Trainer) -> Any | None:
-    """The :class:`lightning_picard.window.RoundResult` of the round that just ended, or None (no Picard strategy).
-
-    Plugin API this reads (requested from the plugin, see docs/recipes/dashboards.md): ``strategy.last_round``,
-    the latest ``RoundResult`` (``window_start``, ``skip``, ``errors``, ``threshold``), set before the round's
-    ``on_train_batch_end``. Until the plugin has it, :class:`_ReplayTap` provides the same value.
-    """
-    strategy = trainer.strategy
-    if hasattr(strategy, "last_round"):
-        return strategy.last_round
-    tap = getattr(strategy, _ReplayTap.ATTRIBUTE, None)
-    return tap.result if tap is not None else None
-
-
-class _ReplayTap:
-    """INTERIM, until the plugin exposes ``strategy.last_round``: wraps this strategy instance's
-    ``round.replay`` (which returns the ``RoundResult``) to keep its latest result. Installed per instance, never on
-    the class; removed by :meth:`remove`."""
-
-    ATTRIBUTE = "_recipes_replay_tap"
-
-    def __init__(self, strategy: Any) -> None:
-        self.strategy = strategy
-        self.round = strategy.round
-        self.result: Any | None = None
-        replay = self.round.replay
-
-        def tapped(*args: Any, **kwargs: Any) -> Any:
-            self.result = replay(*args, **kwargs)
-            return self.result
-
-        self.round.replay = tapped
-        setattr(strategy, self.ATTRIBUTE, self)
-
-    @classmethod
-    def install(cls, strategy: Any) -> None:
-        """Tap ``strategy`` if it runs Picard rounds and has no ``last_round`` of its own."""
-        if hasattr(strategy, "last_round") or getattr(strategy, "round", None) is None:
-            return
-        tap = getattr(strategy, cls.ATTRIBUTE, None)
-        if tap is None or tap.round is not strategy.round:
-            cls(strategy)
-
-    @classmethod
-    def remove(cls, strategy: Any) -> None:
-        tap = getattr(strategy, cls.ATTRIBUTE, None)
-        if tap is not None:
-            vars(tap.round).pop("replay", None)
-            delattr(strategy, cls.ATTRIBUTE)
+    """The :class:`lightning_picard.window.RoundResult` of the round that just ended (``strategy.last_round``), or
+    None (a sequential run, or before the first round)."""
+    return getattr(trainer.strategy, "last_round", None)
 
 
 class RoundRecorder(pl.Callback):
@@ -110,7 +65,6 @@ class RoundRecorder(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _ReplayTap.install(trainer.strategy)
         self._width = int(getattr(trainer.strategy, "window_size", 0) or 0)
         window = getattr(trainer.strategy, "window", None)
         self._round_offset = int(getattr(window, "rounds", 0) or 0)  # rounds before a resume
@@ -152,10 +106,6 @@ class RoundRecorder(pl.Callback):
                 )
             errors = [repr(e) for e in record.errors] + [""] * (width - len(record.errors))
             writer.writerow([record.round, record.step, record.skip, repr(record.threshold), *errors])
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _ReplayTap.remove(trainer.strategy)
 
 
 def _header_width(path: Path) -> int:
