@@ -24,7 +24,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from torch import Tensor
 from recipes.data.cameras import Cameras, orbit_cameras
 from recipes.data.procedural import default_procedural_object, held_out_cameras
 from recipes.eval import novel_view_quality
+from recipes.stages import fit_command
 from recipes.system.module import TextTo3D
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo" / "dreamgaussian.yaml"
@@ -88,16 +88,7 @@ def fit_runs(
     processes = {}
     for name, (run_dir, overrides, *own) in runs.items():
         run_config = own[0] if own else config
-        command = [
-            sys.executable,
-            "-m",
-            "recipes.cli",
-            "fit",
-            "-c",
-            str(run_config),
-            "--run_dir",
-            str(run_dir),
-        ]
+        command = fit_command(run_config, run_dir)
         log = logs / f"{name}.log"
         with log.open("w") as file:
             processes[name] = subprocess.Popen(

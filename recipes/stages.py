@@ -36,6 +36,11 @@ import yaml
 STAGES_FILE = "stages.yaml"
 
 
+def fit_command(config: Path, run_dir: Path) -> list[str]:
+    """The command line of ``lightning-picard fit -c config --run_dir run_dir`` in a new process (this Python)."""
+    return [sys.executable, "-m", "recipes.cli", "fit", "-c", str(config), "--run_dir", str(run_dir)]
+
+
 @dataclass
 class Stage:
     """One stage: its folder name, its config and the stage it starts from (None: its own initialisation)."""
@@ -139,16 +144,7 @@ def fit_stages(stages_path: Path, args: list[str]) -> Path:
         if (stage_dir / "run.json").is_file():
             print(f"Stage {stage.name}: finished already in {stage_dir}, skipped", file=sys.stderr)
             continue
-        command = [
-            sys.executable,
-            "-m",
-            "recipes.cli",
-            "fit",
-            "-c",
-            str(stage.config),
-            "--run_dir",
-            str(stage_dir),
-        ]
+        command = fit_command(stage.config, stage_dir)
         if stage.init_from is not None:
             command.append(f"--model.init_from={run_dir / stage.init_from}")
         command += _tokens(common) + _tokens(per_stage[stage.name])
