@@ -167,15 +167,7 @@ class PicardEpochLoop(TrainingEpochLoop):
             raise SIGTERMException()
         n = status.accepted_limit(n)
         with trainer.profiler.profile("picard_replay"):
-            result = picard_round.replay(
-                tau,
-                n,
-                status,
-                apply_update=lambda j: self._apply_update(tau + j, first_batch_idx + j),
-                extrapolate_update=lambda j: self._apply_update(
-                    tau + j, first_batch_idx + j, step_hook=False
-                ),
-            )
+            result = self._replay(tau, n, status, first_batch_idx)
         skip = result.skip
         del self._batches[:skip]
         self._count_steps(skip)
@@ -405,6 +397,16 @@ class PicardEpochLoop(TrainingEpochLoop):
         shared = strategy.broadcast(local, src=0)
         return apply_to_collection(shared, torch.Tensor, lambda t: t.to(strategy.root_device))
 
+    def _replay(self, tau: int, n: int, status: RoundStatus, first_batch_idx: int) -> RoundResult:
+        """The round's replay of its first ``n`` slots through the user's ``optimizer_step`` and step hook."""
+        return self.strategy.round.replay(
+            tau,
+            n,
+            status,
+            apply_update=lambda j: self._apply_update(tau + j, first_batch_idx + j),
+            extrapolate_update=lambda j: self._apply_update(tau + j, first_batch_idx + j, step_hook=False),
+        )
+
     def _accept_before_failure(self, status: RoundStatus, tau: int, first_batch_idx: int) -> None:
         """Before raising an evaluation's error: replay and accept the steps before it, as a sequential run would
         have taken them, so that a checkpoint written on the exception holds them (none is lost)."""
@@ -412,13 +414,7 @@ class PicardEpochLoop(TrainingEpochLoop):
         good = status.accepted_limit(failed_slot)
         if good == 0:
             return
-        result = self.strategy.round.replay(
-            tau,
-            good,
-            status,
-            apply_update=lambda j: self._apply_update(tau + j, first_batch_idx + j),
-            extrapolate_update=lambda j: self._apply_update(tau + j, first_batch_idx + j, step_hook=False),
-        )
+        result = self._replay(tau, good, status, first_batch_idx)
         skip = result.skip
         del self._batches[:skip]
         self._count_steps(skip)
