@@ -10,8 +10,8 @@ VSD also trains a particle score next to the scene. Its trainable part is an ``n
 
 - on Stable Diffusion, ProlificDreamer's LoRA (peft adapters + camera embedding on its own UNet,
   :class:`~recipes.guidance.lora.LoRAParticleScore`), loaded when the guidance loads;
-- on the weight-free closed-form prior, a camera-conditioned residual on the prior's own prediction
-  (:mod:`recipes.guidance.residual_particle`), built with the system.
+- on the weight-free closed-form prior, the prior itself with a zero-initialised adapter on its reference images
+  (:mod:`recipes.guidance.prior_particle`), built with the system.
 
 ``particle.placement`` says what Picard does with it: ``rank_local`` (the paper's choice, the default) keeps one
 copy per rank, trained after each evaluation and never communicated; ``replayed`` (the option the paper
@@ -30,7 +30,7 @@ from recipes.data.cameras import Cameras
 from recipes.guidance.asd import ASDConfig, AsynchronousScoreDistillation
 from recipes.guidance.distillation import DistillationOutput
 from recipes.guidance.lora import LoRAParticleConfig, LoRAParticleScore, ParticleCondition
-from recipes.guidance.residual_particle import CameraResidual, ResidualParticleConfig, ResidualParticleScore
+from recipes.guidance.prior_particle import PriorParticleConfig, PriorParticleScore, ReferenceAdapter
 from recipes.guidance.schedules import ScalarSchedule, scalar_at
 from recipes.guidance.sds import ScoreDistillationSampling, SDSConfig
 from recipes.guidance.vsd import VariationalScoreDistillation, VSDConfig
@@ -38,7 +38,7 @@ from recipes.system.guidance import Guidance, GuidanceConfig
 
 DistillationMethod = Literal["sds", "asd", "vsd"]
 ParticlePlacement = Literal["rank_local", "replayed"]
-ParticleScore = LoRAParticleScore | ResidualParticleScore
+ParticleScore = LoRAParticleScore | PriorParticleScore
 
 
 @dataclass
@@ -54,14 +54,14 @@ class ParticleConfig:
             is 1.
         lora: the LoRA on Stable Diffusion (base UNet, rank, target modules, camera dropout, AdamW). Default is
             ProlificDreamer's (SD 2.1, v-prediction, rank 4 on the attention projections, lr 1e-4).
-        residual: the residual particle of the closed-form prior. Default is
-            :class:`~recipes.guidance.residual_particle.ResidualParticleConfig`'s.
+        prior: the particle of the closed-form prior (its adapted references). Default is
+            :class:`~recipes.guidance.prior_particle.PriorParticleConfig`'s.
     """
 
     placement: ParticlePlacement = "rank_local"
     weight: ScalarSchedule = 1.0
     lora: LoRAParticleConfig = field(default_factory=LoRAParticleConfig)
-    residual: ResidualParticleConfig = field(default_factory=ResidualParticleConfig)
+    prior: PriorParticleConfig = field(default_factory=PriorParticleConfig)
 
     def __post_init__(self) -> None:
         if self.placement not in ("rank_local", "replayed"):
@@ -104,10 +104,13 @@ class DistillationConfig:
 
 def particle_module(config: DistillationConfig, guidance: GuidanceConfig) -> nn.Module | None:
     """The trainable part of the particle score that exists before any model is loaded (the closed-form prior's
-    residual), or None (no VSD, or a LoRA that is built when the guidance loads)."""
+    adapter), or None (no VSD, or a LoRA that is built when the guidance loads)."""
     if config.method != "vsd" or guidance.model != "closed-form":
         return None
-    return CameraResidual(channels=3, width=config.particle.residual.width)
+    from recipes.data.procedural import reference_cameras
+
+    height = guidance.closed_form.height
+    return ReferenceAdapter((len(reference_cameras(height=height, width=height)), 3, height, height))
 
 
 class LoRAParameters(nn.Module):
@@ -157,16 +160,17 @@ class Distiller:
         config: DistillationConfig,
         sds: SDSConfig,
         guidance: Guidance,
-        residual: nn.Module | None,
+        adapter: nn.Module | None,
         device: torch.device,
     ) -> Distiller:
-        """The distiller of ``config`` on ``guidance``; VSD's LoRA is loaded here, the residual is the system's."""
+        """The distiller of ``config`` on ``guidance``; VSD's LoRA is loaded here, the prior's adapter is the
+        system's (:func:`particle_module`)."""
         particle: ParticleScore | None = None
         if config.method == "vsd":
             if guidance.config.model == "closed-form":
-                if not isinstance(residual, CameraResidual):
-                    raise ValueError("VSD on the closed-form prior needs the system's CameraResidual")
-                particle = ResidualParticleScore(guidance.denoiser, residual, config.particle.residual)
+                if not isinstance(adapter, ReferenceAdapter):
+                    raise ValueError("VSD on the closed-form prior needs the system's ReferenceAdapter")
+                particle = PriorParticleScore(guidance.denoiser, adapter, config.particle.prior)
             else:
                 particle = LoRAParticleScore.from_pretrained(config.particle.lora, device)
         return cls(config, sds, guidance, particle)
