@@ -21,6 +21,7 @@ import math
 import time
 from pathlib import Path
 
+from lightning_picard.hooks import local_parameters, picard_parameters
 from recipes.cli import RecipeCLI
 from recipes.demo import fit_runs, load_run, render_chw
 from recipes.eval import novel_view_quality
@@ -65,6 +66,8 @@ def measure(recipe: str, out: Path, devices: int, steps: int | None, variants: d
                 "rounds": info["rounds"],
                 "steps_per_round": info["steps"] / info["rounds"] if info["rounds"] else math.nan,
                 "fit_seconds": info["fit_seconds"],
+                "picard_state": sum(p.numel() for p in picard_parameters(model)),
+                "rank_local": sum(p.numel() for p in local_parameters(model)),
             }
         )
     return rows
@@ -72,13 +75,15 @@ def measure(recipe: str, out: Path, devices: int, steps: int | None, variants: d
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| recipe | run | init PSNR (dB) | PSNR (dB) | SSIM | steps T | rounds | T/rounds | fit s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | run | init PSNR (dB) | PSNR (dB) | SSIM | steps T | rounds | T/rounds | fit s | s/round "
+        "| Picard state D | rank-local |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['recipe']} | {r['run']} | {r['init_psnr']:.2f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['steps']} | "
-            f"{r['rounds']} | {r['steps_per_round']:.2f} | {r['fit_seconds']:.0f} |"
+            f"{r['rounds']} | {r['steps_per_round']:.2f} | {r['fit_seconds']:.0f} | "
+            f"{r['fit_seconds'] / r['rounds']:.2f} | {r['picard_state']:,} | {r['rank_local']:,} |"
         )
     return "\n".join(lines)
 

@@ -192,3 +192,23 @@ def test_a_particle_adapter_of_another_size_is_refused():
     prior = ClosedFormPrior.from_procedural_object(height=8)
     with pytest.raises(ValueError, match="same guidance.closed_form settings"):
         PriorParticleScore(prior, ReferenceAdapter((36, 3, 16, 16)), PriorParticleConfig())
+
+
+@pytest.mark.parametrize(
+    ("config", "method", "threshold", "aggregate"),
+    [("asd", "asd", 5e-6, "median"), ("prolificdreamer", "vsd", 3e-5, "mean")],
+)
+def test_the_paper_configs_parse_with_the_papers_picard_settings(config, method, threshold, aggregate):
+    from recipes.cli import RecipeCLI
+
+    path = Path(__file__).parents[2] / "recipes" / "configs" / f"{config}.yaml"
+    cli = RecipeCLI(args=["-c", str(path)], run=False, save_config_callback=None)
+    assert cli.model.distillation_config.method == method
+    assert cli.model.guidance_config.model == "stable-diffusion"
+    strategy = cli.config.trainer.strategy.init_args
+    assert (strategy.window_size, strategy.threshold, strategy.ema_decay, strategy.aggregate) == (
+        7,
+        threshold,
+        0.9,
+        aggregate,
+    )
