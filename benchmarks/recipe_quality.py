@@ -35,7 +35,9 @@ def initial_quality(config: Path) -> float:
     return novel_view_quality(lambda cameras: render_chw(model, cameras)).psnr
 
 
-def measure(recipe: str, out: Path, devices: int, steps: int | None, variants: dict[str, list[str]]) -> list[dict]:
+def measure(
+    recipe: str, out: Path, devices: int, steps: int | None, variants: dict[str, list[str]]
+) -> list[dict]:
     config = CONFIGS / f"{recipe}.yaml"
     common = [] if steps is None else [f"--trainer.max_steps={steps}", f"--data.num_steps={steps}"]
     runs = {
@@ -43,7 +45,10 @@ def measure(recipe: str, out: Path, devices: int, steps: int | None, variants: d
         "picard": (out / recipe / "picard", [*common, f"--trainer.devices={devices}"]),
     }
     for name, overrides in variants.items():
-        runs[f"picard-{name}"] = (out / recipe / f"picard-{name}", [*common, f"--trainer.devices={devices}", *overrides])
+        runs[f"picard-{name}"] = (
+            out / recipe / f"picard-{name}",
+            [*common, f"--trainer.devices={devices}", *overrides],
+        )
         runs[f"sequential-{name}"] = (
             out / recipe / f"sequential-{name}",
             [*common, "--trainer.strategy=auto", *overrides],
@@ -89,7 +94,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--recipes", nargs="+", default=["asd", "prolificdreamer"])
     parser.add_argument("--devices", type=int, default=2, help="Picard processes. Default is 2.")
     parser.add_argument("--steps", type=int, default=None, help="override the config's step count")
@@ -101,7 +108,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         name, _, overrides = spec.partition("=")
         variants[name] = overrides.split(",")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    rows = [row for recipe in args.recipes for row in measure(recipe, args.out, args.devices, args.steps, variants)]
+    rows = [
+        row
+        for recipe in args.recipes
+        for row in measure(recipe, args.out, args.devices, args.steps, variants)
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps({"started": started, "rows": rows}, indent=2) + "\n")
     print(f"started {started}")

@@ -100,7 +100,9 @@ class PriorParticleScore:
         flat = references.flatten(1)
         alpha_bar = self.alphas_cumprod[t.to(self.alphas_cumprod.device).long()].reshape(-1, 1)
         x = x_t.to(flat).flatten(1)
-        logits = (alpha_bar.sqrt() * (x @ flat.T) - 0.5 * alpha_bar * flat.square().sum(1)) / (1.0 - alpha_bar)
+        logits = (alpha_bar.sqrt() * (x @ flat.T) - 0.5 * alpha_bar * flat.square().sum(1)) / (
+            1.0 - alpha_bar
+        )
         view = None if camera is None else self.prior.view_logits(camera.reshape(-1, 4, 4), x.shape[0])
         weights = torch.softmax(logits if view is None else logits + view.to(logits), dim=1)
         x0 = (weights @ flat).reshape(x_t.shape)
@@ -134,5 +136,9 @@ class PriorParticleScore:
         """AdamW over the adapter with the configured hyperparameters."""
         cfg = self.config
         return torch.optim.AdamW(
-            self.lora_parameters(), lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            self.lora_parameters(),
+            lr=cfg.learning_rate,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
         )

@@ -84,7 +84,9 @@ class TextTo3D(pl.LightningModule):
         self.sds_config = sds if sds is not None else SDSConfig()
         self.distillation_config = distillation if distillation is not None else DistillationConfig()
         self.distillation_config.check_guidance(self.guidance_config)
-        self.particle: torch.nn.Module | None = particle_module(self.distillation_config, self.guidance_config)
+        self.particle: torch.nn.Module | None = particle_module(
+            self.distillation_config, self.guidance_config
+        )
         self._pending_particle_state: dict[str, Tensor] = {}
         self._particle_optimizer: torch.optim.Optimizer | None = None
         self.regularizers = regularizers if regularizers is not None else RegularizerWeights()
@@ -118,7 +120,8 @@ class TextTo3D(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.check_data(getattr(self.trainer, "datamodule", None))
-            if self.distillation_config.method == "vsd":  # the particle's trainables exist before the optimizers
+            # VSD's particle trainables must exist before the optimizers and the Picard state are set up
+            if self.distillation_config.method == "vsd":
                 self.load_distiller(self.trainer.strategy.root_device)
 
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -149,7 +152,9 @@ class TextTo3D(pl.LightningModule):
     def load_distiller(self, device: torch.device) -> Distiller:
         """Load the guidance (and VSD's LoRA, registered as :attr:`particle`) onto ``device`` once."""
         if "distiller" not in self._guidance:
-            rank_zero_info(f"Loading guidance: {self.guidance_config.model} ({self.distillation_config.method})")
+            rank_zero_info(
+                f"Loading guidance: {self.guidance_config.model} ({self.distillation_config.method})"
+            )
             guidance = Guidance.load(self.guidance_config, self.prompt, device)
             distiller = Distiller.build(
                 self.distillation_config, self.sds_config, guidance, self.particle, device

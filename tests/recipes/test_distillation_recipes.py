@@ -32,7 +32,9 @@ def fit(recipe: str, run_dir: Path, *overrides: str) -> Path:
 
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
 
 
 def one_thread_fit(recipe: str, run_dir: Path, *overrides: str) -> Path:
@@ -94,7 +96,9 @@ def test_vsd_with_rank_local_particles(runs, tmp_path):
     shapes each gradient has been trained on that rank's evaluations (speculative ones included), so the 3D
     parameters leave the sequential trajectory even at threshold 0 (docs/recipes/recipes.md)."""
     sequential = final_state(runs["vsd"])
-    one_rank = one_thread_fit("prolificdreamer", tmp_path / "one", *PICARD, "--trainer.strategy.window_size=1")
+    one_rank = one_thread_fit(
+        "prolificdreamer", tmp_path / "one", *PICARD, "--trainer.strategy.window_size=1"
+    )
     assert_equal(final_state(one_rank), sequential)
     two_ranks = fit("prolificdreamer", tmp_path / "two", *TWO_RANKS)
     info = json.loads((two_ranks / "run.json").read_text())
@@ -137,7 +141,9 @@ def test_vsd_on_stable_diffusion_trains_a_rank_local_lora(tiny_sd_folder, tiny_s
 
 
 def test_vsd_on_a_unet_without_the_lora_targets_says_what_to_do(tiny_sd_folder, tmp_path):  # noqa: F811
-    with pytest.raises(ValueError, match="has none of them; set model.distillation.particle.lora.target_modules"):
+    with pytest.raises(
+        ValueError, match=r"has none of them; set model\.distillation\.particle\.lora\.target_modules"
+    ):
         fit(
             "prolificdreamer",
             tmp_path / "sd",
@@ -160,9 +166,9 @@ def test_vsd_on_deepfloyd_if_is_refused():
 
 
 def test_the_prior_particle_starts_as_the_prior_and_learns_the_renders():
+    from recipes.data.procedural import reference_cameras
     from recipes.guidance.closed_form import ClosedFormPrior
     from recipes.guidance.lora import ParticleCondition
-    from recipes.data.procedural import reference_cameras
 
     prior = ClosedFormPrior.from_procedural_object(height=8)
     particle = PriorParticleScore(
@@ -172,7 +178,9 @@ def test_the_prior_particle_starts_as_the_prior_and_learns_the_renders():
     views = cameras.c2w[[0, 7]]
     x_t, t = torch.randn(2, 3, 8, 8), torch.tensor([300, 700])
     camera = ParticleCondition(None, views.reshape(2, 16))
-    assert torch.allclose(particle.predict_noise(x_t, t, camera), prior.predict_noise(x_t, t, views), atol=1e-5)
+    assert torch.allclose(
+        particle.predict_noise(x_t, t, camera), prior.predict_noise(x_t, t, views), atol=1e-5
+    )
     assert torch.allclose(particle.predict_noise(x_t, t, None), prior.predict_noise(x_t, t, None), atol=1e-5)
     renders = torch.rand(2, 3, 8, 8) * 2 - 1
     optimizer = particle.configure_lora_optimizer()
@@ -190,7 +198,7 @@ def test_a_particle_adapter_of_another_size_is_refused():
     from recipes.guidance.closed_form import ClosedFormPrior
 
     prior = ClosedFormPrior.from_procedural_object(height=8)
-    with pytest.raises(ValueError, match="same guidance.closed_form settings"):
+    with pytest.raises(ValueError, match=r"same guidance\.closed_form settings"):
         PriorParticleScore(prior, ReferenceAdapter((36, 3, 16, 16)), PriorParticleConfig())
 
 
