@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tiny_models import tiny_sd_folder, tiny_sd_v_folder  # noqa: F401  (module-scoped fixtures)
 
 from recipes.cli import main
@@ -213,8 +214,10 @@ def test_the_paper_configs_parse_with_the_papers_picard_settings(config, method,
     cli = RecipeCLI(args=["-c", str(path)], run=False, save_config_callback=None)
     assert cli.model.distillation_config.method == method
     assert cli.model.guidance_config.model == "stable-diffusion"
-    strategy = cli.config.trainer.strategy.init_args
-    assert (strategy.window_size, strategy.threshold, strategy.ema_decay, strategy.aggregate) == (
+    strategy = yaml.safe_load(path.read_text())["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning_picard.PicardStrategy"
+    args = strategy["init_args"]
+    assert (args["window_size"], args["threshold"], args["ema_decay"], args["aggregate"]) == (
         7,
         threshold,
         0.9,
