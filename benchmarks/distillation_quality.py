@@ -1,7 +1,7 @@
 """Does a recipe learn the object? Sequential and Picard runs of a CPU-size config on the closed-form prior.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/recipe_quality.py --recipes asd prolificdreamer
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/recipe_quality.py --recipes prolificdreamer \
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/distillation_quality.py --recipes asd prolificdreamer
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/distillation_quality.py --recipes prolificdreamer \
         --variant replayed=--model.distillation.particle.placement=replayed
 
 For each ``recipes/configs/cpu/<recipe>.yaml`` it fits the sequential run (``--trainer.strategy=auto``) and the
