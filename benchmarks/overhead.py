@@ -50,8 +50,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_picard.picard import FlatParameters, OptimizerSnapshot, PicardWindow, squared_norm
+from lightning_picard.convergence import squared_norm
+from lightning_picard.flat import FlatParameters
+from lightning_picard.snapshot import OptimizerSnapshot
 from lightning_picard.strategy import PicardStrategy
+from lightning_picard.window import PicardWindow
 
 WORLD = 2
 BATCHES = (128, 1024)

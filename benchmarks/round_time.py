@@ -13,7 +13,9 @@ import time
 
 import torch
 
-from lightning_picard.picard import FlatParameters, OptimizerSnapshot, PicardWindow
+from lightning_picard.flat import FlatParameters
+from lightning_picard.snapshot import OptimizerSnapshot
+from lightning_picard.window import PicardWindow
 
 
 def main() -> None:

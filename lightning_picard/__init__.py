@@ -15,11 +15,13 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_picard.callbacks import StepSeed
 from lightning_picard.errors import PicardRankError
+from lightning_picard.flat import FlatParameters
 from lightning_picard.hooks import local_parameters, picard_parameters
-from lightning_picard.picard import FlatParameters, OptimizerSnapshot, PicardWindow, RoundResult
 from lightning_picard.progress import PicardProgressBar, PicardRichProgressBar
 from lightning_picard.rng import current_step_seed, step_generator, step_rng, step_seed
+from lightning_picard.snapshot import OptimizerSnapshot
 from lightning_picard.strategy import PicardStrategy
+from lightning_picard.window import PicardWindow, RoundResult
 
 __version__ = "0.1.0.dev0"
 

@@ -1,52 +1,46 @@
-"""The training-epoch loop that runs Picard rounds; the only module that touches Lightning's private API.
+"""The training-epoch loop that runs Picard rounds through Lightning's hooks.
 
-One ``advance`` is one Picard round: buffer the batches of steps τ … τ+n−1, evaluate this rank's slots,
-gather, replay, slide. ``global_step`` is τ, the number of converged steps, so ``max_steps``,
-``ModelCheckpoint(every_n_train_steps=…)``, the progress bar and the loggers count optimizer steps, not rounds.
-The Lightning pieces used here are listed in :data:`PRIVATE_API` and checked by a contract test.
+One ``advance`` is one Picard round: buffer the batches of steps τ … τ+n−1, evaluate this rank's slots with
+Lightning's ``training_step``/``backward`` hooks, and hand them to the strategy's :class:`~lightning_picard.round.
+PicardRound`, which gathers, replays and slides. ``global_step`` is τ, the number of converged steps, so
+``max_steps``, ``ModelCheckpoint(every_n_train_steps=…)``, the progress bar and the loggers count optimizer steps,
+not rounds. Lightning's private pieces are reached through :mod:`lightning_picard.compat`.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
-from lightning.pytorch.loops.fetchers import _DataFetcher, _DataLoaderIterDataFetcher
-from lightning.pytorch.loops.optimization.automatic import ClosureResult
-from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
-from lightning.pytorch.trainer import call
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
-from lightning_picard import rng
-from lightning_picard.errors import PicardRankError, PicardReplicaError
+from lightning_picard import compat, rng
+from lightning_picard.compat import (
+    ClosureResult,
+    DataFetcher,
+    DataLoaderIterDataFetcher,
+    Stateful,
+    TrainingEpochLoop,
+    call_callback_hooks,
+    call_lightning_module_hook,
+    call_strategy_hook,
+)
+from lightning_picard.convergence import aggregate_errors
+from lightning_picard.errors import PicardRankError
 from lightning_picard.hooks import picard_parameters, run_after_optimizer_step
-from lightning_picard.picard import Resize, RoundResult, aggregate_errors
+from lightning_picard.round import RoundStatus
+from lightning_picard.window import Resize, RoundResult
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
     from lightning_picard.strategy import PicardStrategy
-
-PRIVATE_API: tuple[tuple[str, str], ...] = (
-    ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop"),
-    ("lightning.pytorch.loops.fetchers", "_DataFetcher"),
-    ("lightning.pytorch.loops.fetchers", "_DataLoaderIterDataFetcher"),
-    ("lightning.pytorch.loops.optimization.automatic", "ClosureResult"),
-    ("lightning.pytorch.trainer.call", "_call_strategy_hook"),
-    ("lightning.pytorch.trainer.call", "_call_callback_hooks"),
-    ("lightning.pytorch.trainer.call", "_call_lightning_module_hook"),
-    ("lightning.fabric.utilities.types", "_Stateful"),
-)
-"""(module, name) pairs of private Lightning API this module relies on."""
 
 
 def check_trainer_supported(trainer: pl.Trainer) -> None:
@@ -62,32 +56,34 @@ def check_trainer_supported(trainer: pl.Trainer) -> None:
             f"{trainer.accumulate_grad_batches}). Use a larger batch instead: each Picard slot is one optimizer "
             "step."
         )
-    trainer._accelerator_connector.use_distributed_sampler = False
+    compat.disable_distributed_sampler(trainer)
 
 
 def install_picard_loop(trainer: pl.Trainer) -> None:
-    """Replace the trainer's training-epoch loop with a :class:`PicardEpochLoop` (once)."""
-    current = trainer.fit_loop.epoch_loop
-    if isinstance(current, PicardEpochLoop):  # a second fit on the same Trainer: the module may differ
-        current._local_rows = None
-        current._gathered = None
-        current._fingerprint_checked = False
+    """Make the trainer's training-epoch loop a :class:`PicardEpochLoop` (once).
+
+    The loop object stays the one Lightning built: its class changes, so its progress, its validation loop and
+    anything a callback or test attached to it are kept, and references to it stay valid.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if isinstance(loop, PicardEpochLoop):  # a second fit on the same Trainer: the module may differ
+        loop._fingerprint_checked = False
         return
-    loop = PicardEpochLoop(trainer, min_steps=current.min_steps, max_steps=current.max_steps)
-    loop.val_loop = current.val_loop  # it already holds the validation data attached by `fit`
-    trainer.fit_loop.epoch_loop = loop
+    loop.__class__ = PicardEpochLoop
+    loop._init_picard_state()
 
 
-class PicardEpochLoop(_TrainingEpochLoop):
+class PicardEpochLoop(TrainingEpochLoop):
     """A training-epoch loop whose every iteration is one Picard round of the trainer's PicardStrategy."""
 
     def __init__(self, trainer: pl.Trainer, min_steps: int | None = None, max_steps: int = -1) -> None:
         super().__init__(trainer, min_steps=min_steps, max_steps=max_steps)
+        self._init_picard_state()
+
+    def _init_picard_state(self) -> None:
         self._batches: list[Any] = []
         self._exhausted = False
         self._evaluating_step: int | None = None
-        self._local_rows: torch.Tensor | None = None
-        self._gathered: torch.Tensor | None = None
         self._resume_skip = 0
         self._fingerprint_checked = False
         self._logged: dict[int, list[tuple[str, Any, int]]] = {}
@@ -111,17 +107,19 @@ class PicardEpochLoop(_TrainingEpochLoop):
         self._exhausted = False
 
     @override
-    def on_run_start(self, data_fetcher: _DataFetcher) -> None:
+    def on_run_start(self, data_fetcher: DataFetcher) -> None:
         super().on_run_start(data_fetcher)
-        loaders = self.trainer.fit_loop._combined_loader.flattened
-        resumable = all(isinstance(loader, _Stateful) for loader in loaders)
+        if self.trainer.world_size > 1:
+            compat.replace_sigterm_notifier(self.trainer, self._notice_sigterm)
+        loaders = compat.train_dataloaders(self.trainer)
+        resumable = all(isinstance(loader, Stateful) for loader in loaders)
         if self.restarting and not resumable and self.batch_progress.current.ready > 0:
             # Lightning restarts a plain dataloader at the epoch's first batch: skip the steps already done,
             # so that step s gets batch s as in the uninterrupted run.
             self._resume_skip = self.batch_progress.current.ready
 
     @override
-    def advance(self, data_fetcher: _DataFetcher) -> None:
+    def advance(self, data_fetcher: DataFetcher) -> None:
         if self.restarting and self._should_check_val_fx(data_fetcher):
             # As Lightning's own loop after a checkpoint written during validation: finish it, or skip it.
             if self.val_loop.restarted_mid_evaluation:
@@ -132,19 +130,13 @@ class PicardEpochLoop(_TrainingEpochLoop):
             self.val_loop.increment_progress_to_evaluation_end()
         self.val_loop.restarting = False
 
-        if isinstance(data_fetcher, _DataLoaderIterDataFetcher):
+        if isinstance(data_fetcher, DataLoaderIterDataFetcher):
             raise MisconfigurationException(
                 "PicardStrategy needs the batch of each step; a training_step taking `dataloader_iter` is not "
                 "supported. Take `batch` (and `batch_idx`) instead."
             )
-        if (
-            torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-            and self.trainer.world_size > 1
-        ):
-            self._broadcast_sigterm_tensor()
-
         trainer = self.trainer
+        picard_round = self.strategy.round
         tau = self.global_step
         first_batch_idx = self.batch_idx + 1
         limit = self._window_limit(tau, first_batch_idx)
@@ -154,10 +146,10 @@ class PicardEpochLoop(_TrainingEpochLoop):
         n = min(limit, len(self._batches))
 
         batch = self._batches[0]
-        trainer._logger_connector.on_batch_start(batch)
-        call._call_callback_hooks(trainer, "on_train_batch_start", batch, first_batch_idx)
-        response = call._call_lightning_module_hook(trainer, "on_train_batch_start", batch, first_batch_idx)
-        call._call_strategy_hook(trainer, "on_train_batch_start", batch, first_batch_idx)
+        compat.logger_connector(trainer).on_batch_start(batch)
+        call_callback_hooks(trainer, "on_train_batch_start", batch, first_batch_idx)
+        response = call_lightning_module_hook(trainer, "on_train_batch_start", batch, first_batch_idx)
+        call_strategy_hook(trainer, "on_train_batch_start", batch, first_batch_idx)
         if response == -1:
             self._skip_rest_of_epoch()
 
@@ -167,26 +159,19 @@ class PicardEpochLoop(_TrainingEpochLoop):
         with trainer.profiler.profile("picard_evaluate_slots"):
             outputs, failure = self._evaluate_slots(n, tau, first_batch_idx)
         with trainer.profiler.profile("picard_gather"):
-            gathered = self.strategy.gather_rows(self._local_rows, out=self._gathered)
-        header = _STATUS_COLUMNS + self.strategy.flat.header
-        head = _integers(gathered[:, :header]).tolist()  # one host read per round: status and presence flags
-        self._raise_if_a_rank_failed(head, failure, tau)
-        _raise_if_replicas_differ(head, tau, self.strategy.slots_per_rank)
-        rows = [self.strategy.gathered_row(j) for j in range(n)]
-        nonfinite = [j for j in range(n) if head[rows[j]][_NONFINITE]]
-        if nonfinite and nonfinite[0] > 0:
-            n = nonfinite[0]  # a guess with a non-finite gradient is not on the true trajectory
-        stops = [j for j in range(n) if head[rows[j]][_STOP]]
-        if stops:
-            n = stops[0] + 1  # training stops after the step that asked for it, if that step is accepted
+            status = picard_round.gather(tau, n)
+        if status.failed:
+            self._accept_before_failure(status, tau, first_batch_idx)
+            self._raise_if_a_rank_failed(status, failure)
+        if status.sigterm:  # as Lightning's loop, where rank 0's flag is broadcast before every step
+            raise SIGTERMException()
+        n = status.accepted_limit(n)
         with trainer.profiler.profile("picard_replay"):
-            result = self.strategy.window.run_round(
+            result = picard_round.replay(
                 tau,
                 n,
-                gradient_row=lambda j: gathered[rows[j], _STATUS_COLUMNS:],
+                status,
                 apply_update=lambda j: self._apply_update(tau + j, first_batch_idx + j),
-                snapshot=self.strategy.snapshot,
-                presence=[[bool(v) for v in head[rows[j]][_STATUS_COLUMNS:]] for j in range(n)],
                 extrapolate_update=lambda j: self._apply_update(
                     tau + j, first_batch_idx + j, step_hook=False
                 ),
@@ -195,21 +180,46 @@ class PicardEpochLoop(_TrainingEpochLoop):
         del self._batches[:skip]
         self._count_steps(skip)
         self._apply_logged(skip)
-        self._log_round(result, len(nonfinite))
-        if stops and skip == n:
+        self._log_round(result, len(status.nonfinite))
+        if status.stops and skip == n and status.stops[0] == n - 1:
             trainer.should_stop = True
-        outputs = self._round_outputs(outputs)
+        outputs = self._round_outputs(outputs, status)
 
         if self._num_ready_batches_reached():
             self.update_lr_schedulers("epoch", update_plateau_schedulers=False)
         # As after a sequential step: the parent's on_advance_end (or a resume) adds the last one.
         self._batches_that_stepped = tau + skip - 1
         last_batch_idx = first_batch_idx + skip - 1
-        call._call_callback_hooks(trainer, "on_train_batch_end", outputs, batch, last_batch_idx)
-        call._call_lightning_module_hook(trainer, "on_train_batch_end", outputs, batch, last_batch_idx)
-        trainer._logger_connector.on_batch_end()
+        call_callback_hooks(trainer, "on_train_batch_end", outputs, batch, last_batch_idx)
+        call_lightning_module_hook(trainer, "on_train_batch_end", outputs, batch, last_batch_idx)
+        compat.logger_connector(trainer).on_batch_end()
         self.batch_progress.increment_completed()
         self._send_to_loggers(tau, skip)
+
+    @override
+    def on_advance_end(self, data_fetcher: DataFetcher) -> None:
+        if self.trainer.world_size == 1 or not self.trainer.received_sigterm:
+            super().on_advance_end(data_fetcher)
+            return
+        # Lightning stops the rank that received SIGTERM here, alone; under Picard the flag travels in the next
+        # round's gathered status, so that every rank stops at the same step.
+        compat.set_received_sigterm(self.trainer, False)
+        try:
+            super().on_advance_end(data_fetcher)
+        finally:
+            compat.set_received_sigterm(self.trainer, True)
+
+    def _notice_sigterm(self, signum: int, frame: Any) -> None:
+        """Lightning's SIGTERM notifier without its broadcast (which no other rank would match: the flag reaches
+        them in the next round's gathered status instead)."""
+        rank_zero_info(
+            f"Received SIGTERM: {signum}; every rank stops after the gather of the next Picard round."
+        )
+        if not self.trainer.received_sigterm:
+            launcher = self.trainer.strategy.launcher
+            if launcher is not None:
+                launcher.kill(signum)
+        compat.set_received_sigterm(self.trainer, True)
 
     def _skip_rest_of_epoch(self) -> None:
         """``on_train_batch_start`` returned -1: end the epoch as Lightning does, the batch counted but not run."""
@@ -259,7 +269,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
             limit = min(limit, val_every - done % val_every)
         return max(limit, 1)
 
-    def _fill(self, data_fetcher: _DataFetcher, n: int, first_batch_idx: int) -> None:
+    def _fill(self, data_fetcher: DataFetcher, n: int, first_batch_idx: int) -> None:
         """Buffer batches until ``n`` steps are available or the epoch's data is exhausted."""
         trainer = self.trainer
         if self._resume_skip:
@@ -281,88 +291,80 @@ class PicardEpochLoop(_TrainingEpochLoop):
                     "batch without an optimizer step). Filter the None batches out in the dataset or collate_fn."
                 )
             batch = trainer.precision_plugin.convert_input(batch)
-            batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)
-            batch = call._call_strategy_hook(trainer, "batch_to_device", batch, dataloader_idx=0)
+            batch = compat.before_batch_transfer(trainer.lightning_module, batch)
+            batch = call_strategy_hook(trainer, "batch_to_device", batch, dataloader_idx=0)
             self._batches.append(batch)
 
     def _evaluate_slots(
         self, n: int, tau: int, first_batch_idx: int
     ) -> tuple[dict[int, Any], BaseException | None]:
-        """Gradients of this rank's slots into its local rows.
+        """Evaluate this rank's slots and record each in the round.
 
-        Returns this rank's slot outputs by slot and the exception that stopped the evaluation, if any: an
-        exception is recorded in the rows' status columns so that every rank learns of it at the gather.
+        Returns this rank's slot outputs by slot and the exception of its earliest failing slot, if any: the round
+        records every failure, so that every rank learns of them at the gather.
         """
         trainer = self.trainer
-        strategy = self.strategy
-        window, flat = strategy.window, strategy.flat
-        row_length = _STATUS_COLUMNS + flat.header + max(window.slot_numel(j) for j in range(n))
-        if self._local_rows is None or self._local_rows.shape[1] != row_length:
-            self._gathered, self._local_rows = strategy.new_gather_buffer(row_length, flat.flat)
-        status = _integers(self._local_rows[:, :_STATUS_COLUMNS])
-        status.zero_()
-        status[:, _CHECKSUM : _CHECKSUM + _CHECKSUM_COLUMNS] = _checksum(window.guess(0))
+        picard_round = self.strategy.round
         optimizer = trainer.optimizers[0]
-        results = trainer._results
+        results = compat.training_results(trainer)
         outputs: dict[int, Any] = {}
+        failure: BaseException | None = None
         self._logged = {}
-        for j in strategy.owned_slots(n):
-            window.load(j)
+        slots = picard_round.begin(n, sigterm=self.strategy.world_size > 1 and trainer.received_sigterm)
+        for j in slots:
+            picard_round.load(j)
             step, batch_idx = tau + j, first_batch_idx + j
-            row = self._local_rows[strategy.local_row(j)]
             self._evaluating_step = step
             stop_before = trainer.should_stop
             results.batch, results.batch_size = self._batches[j], None  # for the batch size of self.log
             self._logged[j] = logged = []
             try:
                 with (
-                    rng.step_rng(strategy.seed, step),
-                    strategy.slot_evaluation(),
-                    _recording(results, logged),
+                    rng.step_rng(self.strategy.seed, step),
+                    self.strategy.slot_evaluation(),
+                    compat.recording_updates(results, _recorder(logged)),
                 ):
                     kwargs = self._build_kwargs(OrderedDict(), self._batches[j], batch_idx)
-                    step_output = call._call_strategy_hook(trainer, "training_step", *kwargs.values())
-                    strategy.post_training_step()
+                    step_output = call_strategy_hook(trainer, "training_step", *kwargs.values())
+                    self.strategy.post_training_step()
                     result = ClosureResult.from_training_step_output(
                         step_output, trainer.accumulate_grad_batches
                     )
                     # As Lightning: on_before_zero_grad, zero_grad, then backward unless training_step returned
                     # None (a step with no update: every gradient is None; the optimizer step and schedulers run).
-                    call._call_callback_hooks(trainer, "on_before_zero_grad", optimizer)
-                    call._call_lightning_module_hook(trainer, "on_before_zero_grad", optimizer)
-                    call._call_lightning_module_hook(
+                    call_callback_hooks(trainer, "on_before_zero_grad", optimizer)
+                    call_lightning_module_hook(trainer, "on_before_zero_grad", optimizer)
+                    call_lightning_module_hook(
                         trainer, "optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer
                     )
                     if result.closure_loss is not None:
-                        call._call_strategy_hook(trainer, "backward", result.closure_loss, optimizer)
+                        call_strategy_hook(trainer, "backward", result.closure_loss, optimizer)
                     else:
                         _warnings.warn(
                             "`training_step` returned `None`. If this was on purpose, ignore this warning..."
                         )
-                    window.check_step_outputs(j, step)
+                    picard_round.window.check_step_outputs(j, step)
             except Exception as error:
-                status[strategy.local_row(j), _FAILED_SLOT] = j + 1
+                # Go on with the earlier slots (evaluated last first): the steps before a failure are still
+                # accepted before it is raised. The earliest failure on this rank is the one reported.
+                picard_round.record_failure(j)
                 error.picard_step = step  # type: ignore[attr-defined]
-                window.load(0)
-                results.batch = self._batches[0]
-                return outputs, error
+                failure = error
+                trainer.should_stop = stop_before
+                continue
             finally:
                 self._evaluating_step = None
-            if trainer.should_stop and not stop_before:
-                status[strategy.local_row(j), _STOP] = 1  # honoured only if this step is accepted
-                trainer.should_stop = stop_before
-            gradient = row[_STATUS_COLUMNS : _STATUS_COLUMNS + flat.row_length]
-            flat.write_gradients(gradient)
-            status[strategy.local_row(j), _NONFINITE] = _has_nonfinite(gradient[flat.header :])
-            if window.buffers is not None and window.buffers.outputs:
-                window.buffers.write_outputs(row[_STATUS_COLUMNS + flat.row_length :])
+            stop = trainer.should_stop and not stop_before
+            trainer.should_stop = stop_before
+            loss = result.loss if result.closure_loss is not None else None
+            picard_round.record_slot(j, stop=stop, loss=loss, more=bool(result.extra))
             outputs[j] = result.asdict() if result.closure_loss is not None else {}
             # Drop the graph before the next slot: its leaf nodes remember the parameters' shapes, and the
             # next slot's guess may have other shapes (a module that changes dimensions).
             del step_output, result
-        window.load(0)
+        picard_round.load(0)
         results.batch = self._batches[0]
-        return outputs, None
+        return outputs, failure
 
     def _apply_logged(self, skip: int) -> None:
         """Let the values ``self.log`` recorded at this rank's accepted slots reach Lightning's results, in step
@@ -370,43 +372,66 @@ class PicardEpochLoop(_TrainingEpochLoop):
 
         Step-level values stay those of this rank's first accepted step (step τ on rank 0, the logged step).
         """
-        results = self.trainer._results
+        results = compat.training_results(self.trainer)
         stepped: set[str] = set()
         with self.strategy.slot_evaluation():  # a logged step was computed on one rank: sync_dist is per step
             for j in sorted(j for j in self._logged if j < skip):
                 for key, value, batch_size in self._logged[j]:
                     metric = results[key]
                     if metric.meta.on_step and key in stepped:
-                        if not metric.meta.on_epoch:
-                            continue
-                        cache = metric._forward_cache
-                        results.update_metrics(key, value, batch_size)
-                        metric._forward_cache = cache
+                        if metric.meta.on_epoch:
+                            compat.update_metric(results, key, value, batch_size, keep_step_value=True)
                     else:
-                        results.update_metrics(key, value, batch_size)
+                        compat.update_metric(results, key, value, batch_size)
                         stepped.add(key)
         self._logged = {}
 
-    def _round_outputs(self, outputs: dict[int, Any]) -> Any:
-        """What ``on_train_batch_end`` receives: the output of step τ, on every rank (sent by rank 0)."""
+    def _round_outputs(self, outputs: dict[int, Any], status: RoundStatus) -> Any:
+        """What ``on_train_batch_end`` receives on every rank: the output of step τ.
+
+        The rank that evaluated it passes its own; the others rebuild it from the loss in the gathered status, or,
+        when ``training_step`` returned more than its loss, receive it from rank 0.
+        """
         strategy = self.strategy
         if strategy.world_size == 1:
             return outputs.get(0)
+        if status.loss is None:
+            return {}
+        if status.loss_only:
+            if 0 in outputs:
+                return outputs[0]
+            return {"loss": status.loss.to(strategy.root_device)}
         local = apply_to_collection(outputs.get(0), torch.Tensor, lambda t: t.detach().cpu())
         shared = strategy.broadcast(local, src=0)
         return apply_to_collection(shared, torch.Tensor, lambda t: t.to(strategy.root_device))
 
-    def _raise_if_a_rank_failed(self, head: list[list[int]], failure: BaseException | None, tau: int) -> None:
-        """If any rank's evaluation raised, every rank raises a :class:`PicardRankError` naming rank and step."""
-        strategy = self.strategy
-        failed = [
-            (tau + row[_FAILED_SLOT] - 1, index // strategy.slots_per_rank)
-            for index, row in enumerate(head)
-            if row[_FAILED_SLOT]
-        ]
-        if not failed:
+    def _accept_before_failure(self, status: RoundStatus, tau: int, first_batch_idx: int) -> None:
+        """Before raising an evaluation's error: replay and accept the steps before it, as a sequential run would
+        have taken them, so that a checkpoint written on the exception holds them (none is lost)."""
+        failed_slot = min(step for step, _ in status.failed) - tau
+        good = status.accepted_limit(failed_slot)
+        if good == 0:
             return
-        step, rank = min(failed)
+        result = self.strategy.round.replay(
+            tau,
+            good,
+            status,
+            apply_update=lambda j: self._apply_update(tau + j, first_batch_idx + j),
+            extrapolate_update=lambda j: self._apply_update(tau + j, first_batch_idx + j, step_hook=False),
+        )
+        skip = result.skip
+        del self._batches[:skip]
+        self._count_steps(skip)
+        self._apply_logged(skip)
+        self.batch_progress.increment_completed()
+        self._batches_that_stepped = tau + skip
+
+    def _raise_if_a_rank_failed(self, status: RoundStatus, failure: BaseException | None) -> None:
+        """If any rank's evaluation raised, every rank raises a :class:`PicardRankError` naming rank and step."""
+        if not status.failed:
+            return
+        strategy = self.strategy
+        step, rank = min(status.failed)
         description = f"{type(failure).__name__}: {failure}" if failure is not None else None
         if strategy.world_size > 1:
             description = strategy.broadcast(description, src=rank)
@@ -466,7 +491,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
         module = trainer.lightning_module
         self._evaluating_step = step
         try:
-            call._call_lightning_module_hook(
+            call_lightning_module_hook(
                 trainer,
                 "optimizer_step",
                 trainer.current_epoch,
@@ -476,7 +501,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
             )
             for config in trainer.lr_scheduler_configs:
                 if config.interval == "step" and (batch_idx + 1) % config.frequency == 0:
-                    call._call_lightning_module_hook(trainer, "lr_scheduler_step", config.scheduler, None)
+                    call_lightning_module_hook(trainer, "lr_scheduler_step", config.scheduler, None)
             self._evaluating_step = step + 1  # as in a sequential run, after the optimizer step
             report = run_after_optimizer_step(module, self.strategy.seed, step) if step_hook else None
         finally:
@@ -488,11 +513,17 @@ class PicardEpochLoop(_TrainingEpochLoop):
         return report
 
     def _log_round(self, result: RoundResult, nonfinite: int) -> None:
+        """Log the round's ``picard/*`` metrics (step-level, on rank 0's logger like any ``self.log``).
+
+        One tensor is built for all of them (one host-to-device copy); after the first round the values go straight
+        to the registered metrics, skipping ``self.log``'s per-call bookkeeping (its cost is per call, not per
+        value, and would otherwise be paid eight times a round).
+        """
         module = self.trainer.lightning_module
         window = self.strategy.window
         finite = [e for e in result.errors if math.isfinite(e)]
         converged = result.window_start + result.skip
-        metrics = {
+        values = {
             "picard/skip": float(result.skip),
             "picard/rounds": float(window.rounds),
             "picard/threshold": result.threshold,
@@ -500,21 +531,19 @@ class PicardEpochLoop(_TrainingEpochLoop):
             "picard/error_max": max(finite) if finite else math.nan,
             "picard/window_start": float(result.window_start),
             "picard/nonfinite": float(nonfinite),
+            "picard/steps_per_round": converged / max(window.rounds, 1),
         }
-        previous = module._current_fx_name
-        module._current_fx_name = "training_step"
-        try:
-            module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-            module.log(
-                "picard/steps_per_round",
-                converged / max(window.rounds, 1),
-                on_step=True,
-                on_epoch=False,
-                batch_size=1,
-                prog_bar=True,
-            )
-        finally:
-            module._current_fx_name = previous
+        tensor = torch.tensor(list(values.values()), dtype=torch.float32, device=module.device)
+        results = compat.training_results(self.trainer)
+        with compat.logging_from(module, "training_step"):
+            for i, name in enumerate(values):
+                key = f"training_step.{name}"
+                if key in results:
+                    compat.update_metric(results, key, tensor[i], 1)
+                else:
+                    module.log(
+                        name, tensor[i], on_step=True, on_epoch=False, batch_size=1, prog_bar=name in _ON_BAR
+                    )
 
     def _send_to_loggers(self, tau: int, skip: int) -> None:
         """Log at step τ when this round completed a step that Lightning would have logged."""
@@ -522,7 +551,7 @@ class PicardEpochLoop(_TrainingEpochLoop):
         every = trainer.log_every_n_steps
         crossed = every > 0 and (tau + skip) // every > tau // every
         if crossed or trainer.should_stop or trainer.fast_dev_run:
-            connector = trainer._logger_connector
+            connector = compat.logger_connector(trainer)
             stepped = self._batches_that_stepped
             self._batches_that_stepped = tau  # Lightning's default step, next to its `epoch` metric
             try:
@@ -547,48 +576,16 @@ class PicardEpochLoop(_TrainingEpochLoop):
 
 
 _warnings = WarningCache()  # Lightning's own warnings, once each
-_FAILED_SLOT = 0  # slot + 1 of the evaluation that raised on this rank, 0 if none
-_NONFINITE = 1  # 1 if the slot's gradient has a NaN or inf
-_STOP = 2  # 1 if the slot's training_step set trainer.should_stop
-_CHECKSUM = 3  # the anchor's checksum in 15-bit pieces, the same in every row of a rank
-_CHECKSUM_COLUMNS = 3
-_STATUS_COLUMNS = 6  # at the start of each gathered row, before the presence flags and the gradients
-_INTEGER_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_ON_BAR = {"picard/steps_per_round"}
 
 
-def _integers(values: torch.Tensor) -> torch.Tensor:
-    """``values`` viewed as integers of the same width: the status columns hold exact integers in any dtype."""
-    return values.view(_INTEGER_VIEW[values.element_size()])
-
-
-def _checksum(anchor: torch.Tensor) -> torch.Tensor:
-    """A checksum of the anchor's bits as ``_CHECKSUM_COLUMNS`` integers below 2**15, on the device."""
-    total = _integers(anchor).sum(dtype=torch.int64)
-    shifts = torch.arange(_CHECKSUM_COLUMNS, device=anchor.device, dtype=torch.int64) * 15
-    return (total >> shifts) & 0x7FFF
-
-
-def _raise_if_replicas_differ(head: list[list[int]], tau: int, slots_per_rank: int) -> None:
-    """Every rank holds the same anchor bit for bit; raise on every rank (they all read ``head``) if not."""
-    columns = slice(_CHECKSUM, _CHECKSUM + _CHECKSUM_COLUMNS)
-    reference = head[0][columns]
-    for index in range(0, len(head), slots_per_rank):
-        if head[index][columns] != reference:
-            raise PicardReplicaError(index // slots_per_rank, tau)
-
-
-@contextmanager
-def _recording(results: Any, logged: list[tuple[str, Any, int]]) -> Iterator[None]:
-    """Record the ``self.log`` updates of one slot in ``logged`` instead of applying them to ``results``."""
+def _recorder(logged: list[tuple[str, Any, int]]) -> Any:
+    """Records one slot's ``self.log`` updates in ``logged`` instead of applying them."""
 
     def record(key: str, value: Any, batch_size: int) -> None:
         logged.append((key, value.clone() if isinstance(value, torch.Tensor) else value, batch_size))
 
-    results.update_metrics = record  # shadows the method during this slot only
-    try:
-        yield
-    finally:
-        del results.update_metrics
+    return record
 
 
 def _fingerprint(batch: Any) -> list[float]:
@@ -602,14 +599,6 @@ def _fingerprint(batch: Any) -> list[float]:
 
     apply_to_collection(batch, torch.Tensor, visit)
     return total
-
-
-def _has_nonfinite(values: torch.Tensor) -> torch.Tensor:
-    """Whether ``values`` holds a NaN or an infinity, on the device, without a ``values``-sized temporary."""
-    if values.numel() == 0:
-        return torch.zeros((), dtype=torch.bool, device=values.device)
-    low, high = torch.aminmax(values)  # NaN propagates to both, ±inf to one of them
-    return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _gradients_already_loaded() -> None:

@@ -14,11 +14,6 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from typing_extensions import override
 
-PRIVATE_API: tuple[tuple[str, str], ...] = (
-    ("lightning.pytorch.callbacks.RichProgressBar", "_get_train_description"),
-)
-"""(class, method) pairs of private Lightning API overridden here."""
-
 
 def step_description(trainer: pl.Trainer) -> str | None:
     """``"step τ/T"`` for a run bounded by ``max_steps`` alone, else ``None`` (Lightning's epoch text)."""

@@ -82,7 +82,7 @@ def row_maps(source: Lineage, target: Lineage) -> dict[str, torch.Tensor] | None
             first = torch.full((rows_at_fork,), len(source_ancestor), dtype=torch.int64, device=device)
             rows = torch.arange(len(source_ancestor), device=device)
             first.scatter_reduce_(0, source_ancestor, rows, reduce="amin")
-            first[first == len(source_ancestor)] = _MISSING
+            first.masked_fill_(first == len(source_ancestor), _MISSING)  # no host sync, unlike a mask index
             index = first if target_ancestor is None else first[target_ancestor]
         assert index is not None
         maps[name] = index
@@ -101,11 +101,10 @@ def _ancestors(events: Sequence[ResizeEvent], name: str) -> torch.Tensor | None:
 
 def unproject(values: torch.Tensor, index: torch.Tensor, missing: float = 0.0) -> torch.Tensor:
     """``values[index]`` along dim 0, with ``missing`` where ``index`` is ``-1``."""
-    absent = index == _MISSING
-    mapped = values[index.clamp_min(0).to(values.device)]
-    if bool(absent.any()):
-        mapped[absent.to(values.device)] = missing
-    return mapped
+    index = index.to(values.device)
+    mapped = values[index.clamp_min(0)]
+    absent = (index == _MISSING).view(-1, *([1] * (values.dim() - 1)))
+    return mapped.masked_fill(absent, missing)  # no host sync (a mask index or .any() would need one)
 
 
 def resize_event(
@@ -163,7 +162,8 @@ def check_parents(name: str, parents: object, rows_before: int, rows_after: int,
             f"{where} with {parents.numel()} entries, but the tensor now has {rows_after} rows: give one parent "
             "per new row."
         )
-    if parents.numel() and (int(parents.min()) < 0 or int(parents.max()) >= rows_before):
+    low, high = torch.stack(torch.aminmax(parents)).tolist() if parents.numel() else (0, 0)  # one host read
+    if low < 0 or high >= rows_before:
         raise ValueError(
             f"{where} outside [0, {rows_before}): parents index the rows the tensor had before the change."
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -20,8 +22,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_picard import rng
+from lightning_picard import compat, rng
 from lightning_picard.buffers import ModuleBuffers
+from lightning_picard.convergence import AGGREGATES, INITIALIZERS
+from lightning_picard.flat import FlatParameters
 from lightning_picard.hooks import (
     local_parameters,
     picard_buffers,
@@ -29,7 +33,9 @@ from lightning_picard.hooks import (
     picard_step_outputs,
 )
 from lightning_picard.loop import check_trainer_supported, install_picard_loop
-from lightning_picard.picard import AGGREGATES, INITIALIZERS, FlatParameters, OptimizerSnapshot, PicardWindow
+from lightning_picard.round import PicardRound, SlotOwnership
+from lightning_picard.snapshot import OptimizerSnapshot
+from lightning_picard.window import PicardWindow
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -45,10 +51,6 @@ _LAUNCH_ENVIRONMENT = (
     "RANK",
     "OMP_NUM_THREADS",
 )
-
-PRIVATE_API: tuple[tuple[str, str], ...] = ()
-"""(module, name) pairs of private Lightning API this module imports; it also reads DDPStrategy's ``_layer_sync``
-and sets ``_launcher`` (checked by the contract test)."""
 
 DEFAULT_TIMEOUT = timedelta(minutes=5)
 """How long a collective waits for a rank that stopped answering before every rank is stopped."""
@@ -152,11 +154,13 @@ class PicardStrategy(DDPStrategy):
         self.seed = int(seed)
         self.error_units: Literal["step", "absolute"] = error_units  # type: ignore[assignment]
         self.max_threshold = None if max_threshold is None else float(max_threshold)
-        self.window: PicardWindow | None = None
-        self.flat: FlatParameters | None = None
-        self.snapshot: OptimizerSnapshot | None = None
+        self.round: PicardRound | None = None
+        self._environment_before_launch: dict[str, str | None] = {}
+        self._owns_process_group = False
         self._slot_depth = 0
         self._fixed_parameters: set[int] = set()
+        self._requeue_handler: Any = None
+        self._requeue_pending: tuple[int, Any] | None = None
 
     @property
     def window_size(self) -> int:
@@ -166,7 +170,22 @@ class PicardStrategy(DDPStrategy):
     @property
     def slots_per_rank(self) -> int:
         """Gradient rows each rank contributes to the all-gather: ``ceil(window_size / world_size)``."""
-        return -(-self.window_size // self.world_size)
+        return self.ownership.slots_per_rank
+
+    @property
+    def ownership(self) -> SlotOwnership:
+        """Which rank evaluates which slot of the window (by global rank, over all nodes)."""
+        return SlotOwnership(self.world_size, self.global_rank, self.window_size)
+
+    @property
+    def window(self) -> PicardWindow | None:
+        """The running fit's window (anchor and guesses); ``None`` outside ``fit``."""
+        return self.round.window if self.round is not None else None
+
+    @property
+    def flat(self) -> FlatParameters | None:
+        """The running fit's Picard parameters as one flat buffer; ``None`` outside ``fit``."""
+        return self.round.flat if self.round is not None else None
 
     @property
     @override
@@ -205,10 +224,10 @@ class PicardStrategy(DDPStrategy):
             )
         self._fixed_parameters = {id(p) for name, p in named if id(p) not in optimized}
         named = [(name, p) for name, p in named if id(p) in optimized]
-        self.flat = FlatParameters([p for _, p in named], [name for name, _ in named])
+        flat = FlatParameters([p for _, p in named], [name for name, _ in named])
         buffers, outputs = picard_buffers(module), picard_step_outputs(module)
-        self.window = PicardWindow(
-            self.flat,
+        window = PicardWindow(
+            flat,
             self.window_size,
             self.threshold,
             self.ema_decay,
@@ -220,13 +239,14 @@ class PicardStrategy(DDPStrategy):
             max_threshold=self.max_threshold,
         )
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        self.snapshot = OptimizerSnapshot(trainer.optimizers[0], schedulers)
+        snapshot = OptimizerSnapshot(trainer.optimizers[0], schedulers)
+        self.round = PicardRound(window, snapshot, self.ownership, self.gather_rows)
         install_picard_loop(trainer)
         log.info(
             "Picard: %d slots over %d rank(s), %d parameters, threshold %.3g (%s, %s), ema_decay %.3g, init=%s",
             self.window_size,
             self.world_size,
-            self.flat.numel,
+            flat.numel,
             self.threshold,
             "squared steps" if self.error_units == "step" else "‖Δθ‖²/D",
             "exact" if self.threshold == 0 else "fixed" if self.ema_decay == 1 else "adaptive",
@@ -269,9 +289,54 @@ class PicardStrategy(DDPStrategy):
     @override
     def on_exception(self, exception: BaseException) -> None:
         """Leave the module and optimizer at the last converged state, so a checkpoint written now is valid."""
-        if self.window is not None:
-            self.window.abort_round()
+        if self.round is not None:
+            self.round.abort()
         super().on_exception(exception)
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._hold_requeue_signal()
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self._handle_held_requeue_signal()
+
+    def _hold_requeue_signal(self) -> None:
+        """On SLURM with auto-requeue, make the requeue signal wait for the start of the next round.
+
+        Lightning's handler writes a checkpoint where the signal lands; inside a round the module holds a guess and
+        ``global_step`` is the slot's step, so the checkpoint would be no sequential state. At a round's start the
+        module, optimizer, schedulers and progress counters hold the anchor.
+        """
+        environment = self.cluster_environment
+        if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
+            return
+        requeue_signal = environment.requeue_signal
+        if requeue_signal is None or threading.current_thread() is not threading.main_thread():
+            return
+        handler = signal.getsignal(requeue_signal)
+        if not callable(handler):
+            return
+        self._requeue_handler, self._requeue_pending = handler, None
+        signal.signal(requeue_signal, self._note_requeue_signal)
+
+    def _note_requeue_signal(self, signum: int, frame: Any) -> None:
+        self._requeue_pending = (signum, frame)
+
+    def _handle_held_requeue_signal(self) -> None:
+        pending, self._requeue_pending = self._requeue_pending, None
+        if pending is None or self._requeue_handler is None or self.global_rank != 0:
+            return  # on the other ranks Lightning's handler writes nothing and does not requeue
+        step = self.lightning_module.trainer.global_step
+        rank_zero_info(
+            f"Picard: handling SLURM's requeue signal before the round that starts at step {step}."
+        )
+        # Its checkpoint ends with a barrier that the other ranks, which got the signal in another round or drop it,
+        # would not join: run it with collectives that see this rank alone.
+        with self.slot_evaluation():
+            self._requeue_handler(*pending)
 
     def is_picard_parameter(self, parameter: torch.nn.Parameter) -> bool:
         """Whether a trainable, non-local parameter is Picard state (False for those in no optimizer)."""
@@ -326,7 +391,7 @@ class PicardStrategy(DDPStrategy):
         self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False
     ) -> torch.Tensor:
         if self.evaluating_slot:
-            hook = getattr(self.lightning_module, "_current_fx_name", None) or "training_step"
+            hook = compat.current_hook(self.lightning_module) or "training_step"
             raise MisconfigurationException(
                 f"all_gather was called in `{hook}` while PicardStrategy evaluated a step on one rank: each step is "
                 "computed once, by one rank, so there is nothing to gather from the others (and ranks evaluate "
@@ -336,31 +401,11 @@ class PicardStrategy(DDPStrategy):
             )
         return super().all_gather(tensor, group=group, sync_grads=sync_grads)
 
-    def owned_slots(self, n: int) -> list[int]:
-        """The slots among the first ``n`` that this rank evaluates, last first (slot 0 is evaluated last)."""
-        return [j for j in range(n) if j % self.world_size == self.global_rank][::-1]
-
-    def local_row(self, slot: int) -> int:
-        """Row of ``slot`` in this rank's local gradient buffer."""
-        return slot // self.world_size
-
-    def gathered_row(self, slot: int) -> int:
-        """Row of ``slot`` in the gathered ``[world_size · slots_per_rank, …]`` gradient buffer."""
-        return (slot % self.world_size) * self.slots_per_rank + slot // self.world_size
-
-    def new_gather_buffer(self, row_length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A zeroed ``[world_size · slots_per_rank, row_length]`` buffer and this rank's rows, a view into it.
-
-        Gathering in place (each rank's rows are its chunk of the output) saves ``slots_per_rank`` rows.
-        """
-        rows = self.slots_per_rank
-        gathered = like.new_zeros((self.world_size * rows, row_length))
-        return gathered, gathered[self.global_rank * rows : (self.global_rank + 1) * rows]
-
     def gather_rows(self, local: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """All-gather every rank's ``[slots_per_rank, L]`` gradient rows in one collective.
 
-        ``local`` may be this rank's chunk of ``out`` (see :meth:`new_gather_buffer`): the gather is then in place.
+        ``local`` may be this rank's chunk of ``out`` (as :class:`~lightning_picard.round.PicardRound` allocates
+        them): the gather is then in place, which saves ``slots_per_rank`` rows.
         """
         if self.world_size == 1:
             return local
@@ -400,15 +445,14 @@ class PicardStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
-        self.window = None
-        self.flat = None
-        self.snapshot = None
+        self._requeue_handler, self._requeue_pending = None, None
+        self.round = None
         super().teardown()
-        if self.world_size == 1 and getattr(self, "_owns_process_group", False) and dist.is_initialized():
+        if self.world_size == 1 and self._owns_process_group and dist.is_initialized():
             # A single in-process rank: leave no process group or launcher variables behind; a later fork-based
             # fit would otherwise think its processes were created externally and wait for them forever.
             dist.destroy_process_group()
-            for key, value in getattr(self, "_environment_before_launch", {}).items():
+            for key, value in self._environment_before_launch.items():
                 if value is None:
                     os.environ.pop(key, None)
                 else:
@@ -416,7 +460,7 @@ class PicardStrategy(DDPStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: compat.StrategyRegistry) -> None:
         for name, start_method in (("picard", "popen"), ("picard_spawn", "spawn"), ("picard_fork", "fork")):
             strategy_registry.register(
                 name,

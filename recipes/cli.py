@@ -7,6 +7,7 @@
     lightning-picard test --ckpt_path RUN/checkpoints/last.ckpt  # the 120-view turntable into RUN/test
     lightning-picard export --ckpt_path RUN/checkpoints/last.ckpt  # the mesh into RUN/export
     lightning-picard demo                                      # sequential vs Picard on this CPU
+    lightning-picard fit -c recipes/configs/magic3d.yaml …     # a multi-stage recipe, stage after stage (stages.py)
 
 ``fit`` writes one folder per run, ``<root>/<recipe>/<prompt>@<time>`` with root ``--trainer.default_root_dir``
 (default ``outputs``) or exactly ``--run_dir``: the resolved ``config.yaml``, ``metrics.csv``,
@@ -19,6 +20,7 @@ A folder that already holds a run is never reused, except to resume it from one 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import sys
@@ -145,6 +147,8 @@ class RecipeCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.model.check_data(self.datamodule)
+        if self.config.fit.get("ckpt_path") is None:
+            self.model.start_from_previous_stage()  # before anything is written; the ranks inherit or redo it
         self.model.scene.check_device(self.trainer.strategy.root_device)
         self.model.guidance_config.check_available()
         for callback in self.trainer.checkpoint_callbacks:
@@ -195,6 +199,16 @@ def _with_run_config(argv: list[str]) -> list[str]:
     ]
 
 
+def _stages_file(argv: list[str]) -> str | None:
+    """The ``-c`` argument of ``argv`` when it is a multi-stage recipe (:mod:`recipes.stages`), else None."""
+    from recipes.stages import is_stages_file
+
+    for flag, value in itertools.pairwise(argv):
+        if flag in ("-c", "--config") and is_stages_file(value):
+            return value
+    return None
+
+
 def run_config(path: Path) -> str:
     """A run's saved ``config.yaml`` as YAML text for ``-c`` of a ``run=False`` parser (``-c`` takes a path or YAML
     text): without the arguments of the Trainer methods, which such a parser does not have."""
@@ -239,6 +253,13 @@ def main(args: list[str] | None = None) -> Any:
         return export(argv[1:])
     if command in ("test", "validate", "predict"):
         argv = _with_run_config(argv)
+    if command == "fit":
+        stages = _stages_file(argv)
+        if stages is not None:
+            from recipes.stages import fit_stages
+
+            config_at = argv.index(stages) - 1
+            return fit_stages(Path(stages), argv[1:config_at] + argv[config_at + 2 :])
     try:
         return RecipeCLI(args=argv)
     finally:

@@ -6,7 +6,11 @@ in its own run folder, with one thread per process so that wall times compare:
 1. two sequential runs with different seeds (they run at the same time, one core each): the baseline and the
    seed-to-seed yardstick of the fidelity ratio;
 2. Picard on 2 processes (one thread each), seed 0;
-3. the photometric-fit bound: the same Gaussians, cameras and schedule fitted to ground-truth renders.
+3. the photometric-fit bound: the same Gaussians, cameras and schedule fitted to ground-truth renders, and, at the
+   same time, the fidelity floor: the seed-0 sequential run again with its initial Gaussians moved by a relative
+   1e-7 (one or two float32 rounding steps). Its distance to the reference is what any inexactness costs on this
+   problem — another thread count or GPU changes the sequential run's rounding as much — so Picard's fidelity
+   ratio is read against it.
 
 It prints one table and writes, into ``--out``: ``summary.json``, ``summary.md``, a side-by-side turntable GIF
 (ground truth | sequential | Picard), a convergence plot (error, threshold and skip over τ) and the mesh.
@@ -43,7 +47,10 @@ SUMMARY_KEYS = (
     "picard_psnr",
     "photometric_psnr",
     "fidelity_ratio",
+    "fidelity_floor",
 )
+PERTURBATION = 1e-7
+"""Relative change of the initial Gaussians' radius in the fidelity-floor run: about one float32 rounding step."""
 
 
 class PhotometricFit(TextTo3D):
@@ -68,15 +75,29 @@ class PhotometricFit(TextTo3D):
         """No guidance to load."""
 
 
-def fit_runs(config: Path, runs: dict[str, tuple[Path, list[str]]], logs: Path) -> None:
+def fit_runs(
+    config: Path, runs: dict[str, tuple[Path, list[str]] | tuple[Path, list[str], Path]], logs: Path
+) -> None:
     """``lightning-picard fit -c config --run_dir RUN OVERRIDES…`` for every ``name: (RUN, OVERRIDES)`` at once, one
-    thread per process, each logging to ``logs/<name>.log``; raise with the log's tail if one fails."""
+    thread per process, each logging to ``logs/<name>.log``; raise with the log's tail if one fails.
+
+    A run given as ``(RUN, OVERRIDES, CONFIG)`` uses its own config file."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("LIGHTNING_PICARD_RUN_DIR", None)
     logs.mkdir(parents=True, exist_ok=True)
     processes = {}
-    for name, (run_dir, overrides) in runs.items():
-        command = [sys.executable, "-m", "recipes.cli", "fit", "-c", str(config), "--run_dir", str(run_dir)]
+    for name, (run_dir, overrides, *own) in runs.items():
+        run_config = own[0] if own else config
+        command = [
+            sys.executable,
+            "-m",
+            "recipes.cli",
+            "fit",
+            "-c",
+            str(run_config),
+            "--run_dir",
+            str(run_dir),
+        ]
         log = logs / f"{name}.log"
         with log.open("w") as file:
             processes[name] = subprocess.Popen(
@@ -108,6 +129,18 @@ def render_chw(model: TextTo3D, cameras: Cameras) -> Tensor:
 PHOTOMETRIC_GRAD_THRESHOLD = 2.0
 """Densification threshold of the photometric fit: its screen-space gradients are about twice SDS's on the
 prior (at SDS's 1.0 it grows to ~950 Gaussians; benchmarks/demo_quality.py)."""
+
+
+def perturbed_initialisation(config: Path) -> list[str] | None:
+    """Overrides that scale the initial Gaussians' radius by ``1 + PERTURBATION``, or None if ``config`` has no
+    ``scene.init_args.init.radius`` (then the demo reports no fidelity floor)."""
+    import yaml
+
+    scene = yaml.safe_load(config.read_text())["model"]["init_args"]["scene"]
+    radius = scene.get("init_args", {}).get("init", {}).get("radius")
+    if radius is None:
+        return None
+    return ["--model.init_args.scene.init_args.init.radius", repr(float(radius) * (1 + PERTURBATION))]
 
 
 def photometric_config(config: Path, out: Path) -> Path:
@@ -186,6 +219,11 @@ def measure(runs: dict[str, Path]) -> dict[str, Any]:
     renders = {name: render_chw(model, held_out) for name, model in models.items()}
     picard_distance = (renders["picard"] - renders["sequential"]).square().mean().item()
     seed_distance = (renders["sequential_seed1"] - renders["sequential"]).square().mean().item()
+    floor_distance = (
+        (renders["perturbed"] - renders["sequential"]).square().mean().item()
+        if "perturbed" in renders
+        else math.nan
+    )
     info = {name: json.loads((run / "run.json").read_text()) for name, run in runs.items()}
     steps = info["sequential"]["steps"]
     rounds = info["picard"]["rounds"]
@@ -206,6 +244,8 @@ def measure(runs: dict[str, Path]) -> dict[str, Any]:
         "picard_render_distance": picard_distance,
         "seed_render_distance": seed_distance,
         "fidelity_ratio": picard_distance / seed_distance if seed_distance > 0 else math.nan,
+        "perturbed_render_distance": floor_distance,
+        "fidelity_floor": floor_distance / seed_distance if seed_distance > 0 else math.nan,
         "gaussians": {name: len(model.scene.gaussians) for name, model in models.items()},
         "_models": models,
     }
@@ -227,6 +267,11 @@ def table(summary: dict[str, Any]) -> str:
             f"{100 * summary['fidelity_ratio']:.2f}% ({summary['picard_render_distance']:.2e} / "
             f"{summary['seed_render_distance']:.2e})",
         ),
+        (
+            f"fidelity floor (sequential, initial positions ×(1+{PERTURBATION:g}))",
+            f"{100 * summary['fidelity_floor']:.2f}% ({summary['perturbed_render_distance']:.2e} / "
+            f"{summary['seed_render_distance']:.2e})",
+        ),
     ]  # fmt: skip
     width = max(len(name) for name, _ in rows)
     lines = [f"| {'':<{width}} | result |", f"|{'-' * (width + 2)}|---|"]
@@ -240,7 +285,8 @@ def run(
     """Run the demo into ``out``; returns the summary (also written as ``summary.json``)."""
     overrides = list(overrides or [])
     out.mkdir(parents=True, exist_ok=True)
-    runs = {name: out / "runs" / name for name in ("sequential", "sequential_seed1", "picard", "photometric")}
+    names = ("sequential", "sequential_seed1", "picard", "photometric", "perturbed")
+    runs = {name: out / "runs" / name for name in names}
     for run_dir in runs.values():
         if (run_dir / "config.yaml").exists():
             raise FileExistsError(f"{out} already holds a demo; pass another --out")
@@ -262,8 +308,14 @@ def run(
     launch({"sequential": sequential, "sequential_seed1": [*sequential, *seed1]})
     print(f"[2/3] Picard on {devices} processes … ({time.perf_counter() - started:.0f} s)")
     launch({"picard": picard})
-    print(f"[3/3] photometric-fit bound … ({time.perf_counter() - started:.0f} s)")
-    launch({"photometric": sequential}, photometric_config(config, out))
+    print(f"[3/3] photometric-fit bound and fidelity floor … ({time.perf_counter() - started:.0f} s)")
+    last = {"photometric": (runs["photometric"], [*overrides, *sequential], photometric_config(config, out))}
+    perturbed = perturbed_initialisation(config)
+    if perturbed is None:
+        del runs["perturbed"]
+    else:
+        last["perturbed"] = (runs["perturbed"], [*overrides, *sequential, *perturbed])
+    fit_runs(config, last, out / "logs")
 
     summary = measure(runs)
     models = summary.pop("_models")

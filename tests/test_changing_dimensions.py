@@ -188,7 +188,7 @@ def test_the_sequential_reference_checks_resize_reports_too(module_class, match)
 
 def test_extrapolated_guesses_leave_the_step_hook_out(monkeypatch):
     """Extrapolating past the window repeats the last gradient; densifying on it made poor guesses."""
-    from lightning_picard.picard import PicardWindow
+    from lightning_picard.window import PicardWindow
 
     filling, hook_calls, extrapolated = {"on": False}, [], []
     fill = PicardWindow._fill_new_slots

@@ -9,8 +9,11 @@ import torch
 
 import lightning_picard as lp
 from lightning_picard.buffers import ModuleBuffers
+from lightning_picard.convergence import step_relative_errors
+from lightning_picard.flat import FlatParameters
 from lightning_picard.hooks import picard_buffers
-from lightning_picard.picard import FlatParameters, OptimizerSnapshot, PicardWindow, step_relative_errors
+from lightning_picard.snapshot import OptimizerSnapshot
+from lightning_picard.window import PicardWindow
 from tests.toy import ToyRegression, final_parameters, quiet_trainer_kwargs, regression_data
 
 

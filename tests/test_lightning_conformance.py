@@ -320,17 +320,17 @@ def test_the_failed_step_is_named_exactly_under_bf16_true_past_its_integer_range
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_status_columns_hold_exact_integers_in_every_dtype(dtype):
-    from lightning_picard.loop import _checksum, _integers
+    from lightning_picard.round import _checksum, _integers
 
     rows = torch.zeros(2, 8, dtype=dtype)
     status = _integers(rows[:, :6])
-    status[:, 3:6] = _checksum(torch.randn(1000).to(dtype))
+    status[:, 3:6] = _checksum(torch.randn(1000).to(dtype), 3)
     status[1, 0] = 32_000  # far beyond what float16 / bfloat16 hold exactly as values
     assert _integers(rows)[1, 0].item() == 32_000
     assert all(0 <= v < 2**15 for v in _integers(rows)[0, 3:6].tolist())
     changed = torch.randn(1000).to(dtype)
     assert not torch.equal(
-        _checksum(changed), _checksum(changed.clone().index_fill_(0, torch.tensor([7]), 0.5))
+        _checksum(changed, 3), _checksum(changed.clone().index_fill_(0, torch.tensor([7]), 0.5), 3)
     )
 
 
@@ -408,3 +408,55 @@ def test_on_before_zero_grad_runs_for_every_evaluated_step_as_lightning_calls_it
     assert counter.calls >= 12  # once per evaluated slot: every step at least once
     with pytest.raises(RuntimeError, match="trouble before zero_grad"):
         _fit(RaisesBeforeZeroGrad(), devices=1, window_size=3)
+
+
+class FailsAtStepFive(ToyRegression):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 5:
+            raise RuntimeError("Trouble!")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(("devices", "window_size", "steps"), [(1, 2, [5]), (1, 4, [3, 4, 5])])
+def test_a_checkpoint_saved_on_an_exception_holds_the_steps_before_it(tmp_path, devices, window_size, steps):
+    """Lightning's ModelCheckpoint(save_on_exception=True): under Picard the steps of the round before the failing
+    one are replayed, and those that converge accepted, before the error is raised. With a window of 2 (the failing
+    step right after the anchor) the checkpoint is the sequential one; a wider window may keep fewer steps (at
+    threshold 0 only exact guesses are accepted), never wrong ones."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(folder, devices, window_size=1):
+        checkpoint = ModelCheckpoint(dirpath=folder, filename="exception", save_on_exception=True)
+        with pytest.raises(Exception, match="Trouble!"):
+            _fit(
+                FailsAtStepFive(),
+                devices=devices,
+                window_size=window_size,
+                callbacks=[checkpoint],
+                enable_checkpointing=True,
+            )
+        return torch.load(folder / "exception.ckpt", weights_only=False)
+
+    saved = fit(tmp_path / "picard", devices, window_size)
+    assert saved["global_step"] in steps
+    if window_size == 2:
+        expected = fit(tmp_path / "sequential", 0)
+        assert expected["global_step"] == 5
+        for name, value in expected["state_dict"].items():
+            assert torch.equal(saved["state_dict"][name], value), name
+
+
+def test_the_picard_loop_is_the_loop_lightning_built():
+    """Installing Picard keeps the epoch loop object (and whatever was attached to it, e.g. a patched method)."""
+    trainer = pl.Trainer(
+        devices=1,
+        strategy=lp.PicardStrategy(window_size=2),
+        **quiet_trainer_kwargs(max_steps=4),
+    )
+    loop = trainer.fit_loop.epoch_loop
+    calls = []
+    original = loop.update_lr_schedulers
+    loop.update_lr_schedulers = lambda *a, **k: (calls.append(a), original(*a, **k))[1]
+    trainer.fit(ToyRegression(), regression_data())
+    assert trainer.fit_loop.epoch_loop is loop and type(loop).__name__ == "PicardEpochLoop"
+    assert calls, "the method patched before fit was called"

@@ -5,13 +5,10 @@ import math
 import pytest
 import torch
 
-from lightning_picard.picard import (
-    FlatParameters,
-    OptimizerSnapshot,
-    PicardWindow,
-    aggregate_errors,
-    first_unconverged,
-)
+from lightning_picard.convergence import aggregate_errors, first_unconverged
+from lightning_picard.flat import FlatParameters
+from lightning_picard.snapshot import OptimizerSnapshot
+from lightning_picard.window import PicardWindow
 
 
 def test_first_unconverged_counts_leading_converged_steps():
@@ -194,7 +191,7 @@ def test_abort_round_puts_the_anchor_back():
 
 
 def test_squared_norm_never_rounds_a_real_difference_to_zero():
-    from lightning_picard.picard import squared_norm
+    from lightning_picard.convergence import squared_norm
 
     tiny = torch.zeros(1000)
     tiny[3] = 1e-30  # its float32 square underflows
@@ -226,7 +223,7 @@ def test_window_state_round_trips_and_the_earlier_tensor_format_still_loads():
 
 
 def test_nonfinite_detection_without_a_full_size_temporary():
-    from lightning_picard.loop import _has_nonfinite
+    from lightning_picard.round import _has_nonfinite
 
     assert not _has_nonfinite(torch.tensor([1.0, -2.0]))
     assert _has_nonfinite(torch.tensor([1.0, math.nan]))

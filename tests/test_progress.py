@@ -1,26 +1,16 @@
 """The Picard progress bars: steps instead of "Epoch 0/-2", rounds and steps per round."""
 
-import importlib
-
 import lightning.pytorch as pl
-import pytest
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 from lightning_picard.progress import (
-    PRIVATE_API,
     PicardProgressBar,
     PicardRichProgressBar,
     picard_metrics,
     picard_progress_bar,
     step_description,
 )
-
-
-@pytest.mark.parametrize(("path", "method"), PRIVATE_API)
-def test_the_overridden_private_methods_exist(path, method):
-    module, name = path.rsplit(".", 1)
-    assert callable(getattr(getattr(importlib.import_module(module), name), method))
 
 
 def test_a_step_bounded_run_is_described_in_steps():

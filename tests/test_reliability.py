@@ -268,3 +268,23 @@ def test_picard_fork_after_multithreaded_work_in_the_same_process_does_not_hang(
             os.kill(int(pid), signal.SIGKILL)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "finished" in result.stdout
+
+
+@pytest.mark.multiprocess
+def test_sigterm_on_any_rank_stops_every_rank_at_the_same_step_without_a_collective_of_its_own(tmp_path):
+    """A real SIGTERM on rank 1 only: its flag travels in the next round's gathered status (Lightning's handler
+    broadcasts instead, which no Picard rank would match), and both ranks stop there, at the same step."""
+    script = Path(__file__).parent / "scripts" / "sigterm_on_rank_one.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    for key in ("MASTER_PORT", "MASTER_ADDR", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(key, None)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120, env=env
+    )
+    stopped = {path.name: path.read_text().split() for path in tmp_path.glob("rank*")}
+    assert set(stopped) == {"rank0", "rank1"}, (stopped, result.stderr[-3000:])
+    assert stopped["rank0"] == stopped["rank1"], stopped
+    exception, step = stopped["rank0"]
+    assert exception == "SIGTERMException" and 6 <= int(step) < 40, stopped
+    leftover = subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True).stdout.split()
+    assert leftover == []

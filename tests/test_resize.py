@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from lightning_picard.buffers import ModuleBuffers
-from lightning_picard.picard import FlatParameters, OptimizerSnapshot, PicardWindow
+from lightning_picard.flat import FlatParameters
 from lightning_picard.resize import ResizeEvent, check_parents, rebase, row_maps, unproject
+from lightning_picard.snapshot import OptimizerSnapshot
+from lightning_picard.window import PicardWindow
 
 
 def _event(step, parents, rows_before, name="x"):

@@ -47,8 +47,11 @@ def test_window_larger_than_world_gives_several_slots_per_rank():
     strategy = lp.PicardStrategy(window_size=5)
     pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, logger=False)
     assert strategy.slots_per_rank == 3
-    rows = {strategy.gathered_row(j) for j in range(5)}
+    ownership = strategy.ownership
+    rows = {ownership.gathered_row(j) for j in range(5)}
     assert len(rows) == 5 and max(rows) < 2 * 3
+    assert [ownership.rank_of(ownership.gathered_row(j)) for j in range(5)] == [0, 1, 0, 1, 0]
+    assert ownership.owned(5) == [4, 2, 0], "rank 0 evaluates slots 0, 2, 4, the anchor last"
 
 
 def _fit(module, **trainer_kwargs):

@@ -50,10 +50,13 @@ class StripedBox:
 
 
 class ProceduralRender(NamedTuple):
-    """Renders: ``rgb [B, 3, H, W]`` in [0, 1] on white and coverage ``alpha [B, 1, H, W]``."""
+    """Renders: ``rgb [B, 3, H, W]`` in [0, 1] on white, coverage ``alpha [B, 1, H, W]`` and the
+    coverage-weighted distance along the ray ``depth [B, 1, H, W]`` (0 where nothing is hit; divide by
+    ``alpha`` for the mean distance), the renderers' ``depth`` convention."""
 
     rgb: Tensor
     alpha: Tensor
+    depth: Tensor
 
 
 class _Hits(NamedTuple):
@@ -82,23 +85,23 @@ class ProceduralObject:
     def render(self, cameras: Cameras, supersample: int = 2) -> ProceduralRender:
         """Render every camera at its resolution, averaging ``supersample²`` rays per pixel."""
         fine = cameras.with_resolution(cameras.height * supersample, cameras.width * supersample)
-        rgb, alpha = self._cast(fine)
+        rgb, alpha, depth = self._cast(fine)
         if supersample > 1:
-            rgb = torch.nn.functional.avg_pool2d(rgb, supersample)
-            alpha = torch.nn.functional.avg_pool2d(alpha, supersample)
-        return ProceduralRender(rgb=rgb, alpha=alpha)
+            rgb, alpha, depth = (torch.nn.functional.avg_pool2d(x, supersample) for x in (rgb, alpha, depth))
+        return ProceduralRender(rgb=rgb, alpha=alpha, depth=depth)
 
-    def _cast(self, cameras: Cameras) -> tuple[Tensor, Tensor]:
+    def _cast(self, cameras: Cameras) -> tuple[Tensor, Tensor, Tensor]:
         origins, directions = cameras.rays()
         hits = [self._hit_sphere(s, origins, directions) for s in self.spheres]
         hits += [self._hit_box(b, origins, directions) for b in self.boxes]
         if not hits:
             shape = (len(cameras), 1, cameras.height, cameras.width)
             white = torch.ones(shape, dtype=origins.dtype, device=origins.device)
-            return white.expand(-1, 3, -1, -1).clone(), torch.zeros_like(white)
+            return white.expand(-1, 3, -1, -1).clone(), torch.zeros_like(white), torch.zeros_like(white)
         distance = torch.stack([h.distance for h in hits])
         nearest = distance.argmin(dim=0, keepdim=True)
-        covered = torch.isfinite(distance.gather(0, nearest)[0])
+        nearest_distance = distance.gather(0, nearest)[0]
+        covered = torch.isfinite(nearest_distance)
 
         def pick(field: Tensor) -> Tensor:
             index = nearest[..., None].expand(1, *field.shape[1:])
@@ -111,7 +114,8 @@ class ProceduralObject:
         shaded = albedo * (self.ambient + (1.0 - self.ambient) * lambert)
         mask = covered[..., None].to(origins.dtype)
         rgb = (shaded * mask + (1.0 - mask)).clamp(0.0, 1.0)
-        return rgb.permute(0, 3, 1, 2).contiguous(), mask.permute(0, 3, 1, 2).contiguous()
+        depth = torch.where(covered, nearest_distance, torch.zeros_like(nearest_distance))[:, None]
+        return rgb.permute(0, 3, 1, 2).contiguous(), mask.permute(0, 3, 1, 2).contiguous(), depth
 
     def _stripes(
         self, coordinate: Tensor, stripes_per_unit: float, color: Vec3, stripe_color: Vec3

@@ -29,7 +29,7 @@ from recipes.guidance.prompts import (
     PromptEmbeddings,
     perp_neg_views,
 )
-from recipes.guidance.reference_view import ReferenceViewLosses, reference_view_losses
+from recipes.guidance.reference_view import ReferenceViewLosses, reference_depth_loss, reference_view_losses
 from recipes.guidance.schedules import TimestepSchedule, scalar_at, timestep_weight
 from recipes.guidance.sds import ScoreDistillationSampling, SDSConfig
 from recipes.guidance.stable_diffusion import StableDiffusionConfig, StableDiffusionDenoiser
@@ -69,6 +69,7 @@ __all__ = [
     "perp_neg_views",
     "perpendicular_component",
     "predict_guided_noise",
+    "reference_depth_loss",
     "reference_view_losses",
     "scalar_at",
     "timestep_weight",

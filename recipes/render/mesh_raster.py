@@ -235,6 +235,9 @@ def _rasterize_view(clip: Tensor, faces: Tensor, height: int, width: int) -> tup
     safe_face = face_id.clamp_min(0)
     corners = faces[safe_face]  # [H, W, 3]
     linear = _edge_barycentrics(screen[corners][..., :2], centres)
+    # background pixels (face 0 stands in) get the centroid, so that the division below never sees a zero sum:
+    # 0/0 there is masked in the forward, but its gradient would be NaN
+    linear = torch.where((face_id >= 0)[..., None], linear, torch.full_like(linear, 1.0 / 3.0))
     # screen-space barycentrics → perspective-correct ones: weight each corner by 1/w
     perspective = linear * (1.0 / clip[corners, 3])
     bary = perspective / perspective.sum(-1, keepdim=True)

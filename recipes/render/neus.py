@@ -66,9 +66,13 @@ class NeuSRenderer(VolumeRenderer):
         self.variance = LearnedVariance(config.variance_init)
         self.cos_anneal_ratio = 1.0 if config.cos_anneal_end_steps <= 0 else 0.0
 
-    def update_step(self, step: int) -> None:
+    def anneal(self, step: int) -> None:
+        """Set the cosine annealing ratio of ``step`` (a pure function of the step)."""
         end = self.config.cos_anneal_end_steps
         self.cos_anneal_ratio = 1.0 if end <= 0 else min(1.0, step / end)
+
+    def update_step(self, step: int) -> None:
+        self.anneal(step)
         super().update_step(step)
 
     def occupancy_fn(self, points: Tensor) -> Tensor:

@@ -90,6 +90,7 @@ class GaussianScene(Scene):
         self.register_buffer("screen_radii", torch.zeros(init.num_points))
         self.register_load_state_dict_pre_hook(resize_rows_to_state_dict)  # the step outputs' row count
         self.backend = backend
+        self._recorded = False  # whether this step's render has recorded its screen statistics
         self.mesh_level = mesh_level
         self.mesh_radius = mesh_radius
 
@@ -103,7 +104,10 @@ class GaussianScene(Scene):
 
     def render(self, cameras: Cameras, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         out = render_gaussians(self.gaussians, cameras, self.background, backend=self.backend)
-        if self.training and out.means2d.requires_grad:
+        if self.training and out.means2d.requires_grad and not self._recorded:
+            self._recorded = (
+                True  # a step's statistics are its first training render's (DreamGaussian's view)
+            )
             self.screen_radii.copy_(out.radii[-1])
             scale = torch.tensor([0.5 * cameras.width, 0.5 * cameras.height], device=out.means2d.device)
 
@@ -111,7 +115,11 @@ class GaussianScene(Scene):
                 self.screen_grad.copy_(grad[-1] * scale)
 
             out.means2d.register_hook(record)
-        return {"comp_rgb": out.rgb, "opacity": out.alpha, "depth": out.depth}
+        background = self.background.to(out.rgb.dtype).expand_as(out.rgb)
+        return {"comp_rgb": out.rgb, "comp_rgb_bg": background, "opacity": out.alpha, "depth": out.depth}
+
+    def prepare_step(self, step: int) -> None:
+        self._recorded = False
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         return self.gaussians.configure_optimizer(self.learning_rates)

@@ -60,6 +60,9 @@ class TextTo3D(pl.LightningModule):
             Default is 0.
         mesh_resolution: marching-cubes grid size for mesh export. Default is 128.
         texture_size: baked texture size for the ``.obj`` export (None: vertex colours). Default is 512.
+        init_from: an earlier stage's run folder (or checkpoint) to start the scene from, once, before the first
+            step of a fresh fit (:meth:`Scene.init_from`; Magic3D's refine starts from its coarse run). Default is
+            None (the scene's own initialisation).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class TextTo3D(pl.LightningModule):
         seed: int = 0,
         mesh_resolution: int = 128,
         texture_size: int | None = 512,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.prompt = prompt_config(prompt, prompt_options)
@@ -93,6 +97,8 @@ class TextTo3D(pl.LightningModule):
         self.seed = seed
         self.mesh_resolution = mesh_resolution
         self.texture_size = texture_size
+        self.init_from = init_from
+        self._started_from: str | None = None
         self._guidance: dict[str, Any] = {}  # a plain dict: the models are never submodules
         self._test_frames: list[Tensor] = []
         self._train_started = time.perf_counter()
@@ -117,9 +123,19 @@ class TextTo3D(pl.LightningModule):
                     f"{required[0]} or guidance.closed_form.height to {height}"
                 )
 
+    def start_from_previous_stage(self) -> None:
+        """Initialise the scene from ``init_from`` (once; nothing when it is None)."""
+        if self.init_from is not None and self._started_from != self.init_from:
+            from recipes.system.handover import start_from_stage
+
+            start_from_stage(self.scene, self.init_from)
+            self._started_from = self.init_from
+
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.check_data(getattr(self.trainer, "datamodule", None))
+            if self.trainer.ckpt_path is None:  # a resumed fit restores its own state
+                self.start_from_previous_stage()
             # VSD's particle trainables must exist before the optimizers and the Picard state are set up
             if self.distillation_config.method == "vsd":
                 self.load_distiller(self.trainer.strategy.root_device)

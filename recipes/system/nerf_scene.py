@@ -9,9 +9,10 @@ own. Progressive hash-grid levels and the ambient-only shading phase are pure fu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,28 +34,21 @@ from recipes.render.materials import (
     albedo_activation,
 )
 from recipes.render.volume import VolumeRenderer, VolumeRendererConfig
+from recipes.system.optimizer import AdamSettings
 from recipes.system.scene import Scene
 
 
 @dataclass
-class NeRFOptimizer:
+class NeRFOptimizer(AdamSettings):
     """Adam(W) over the field and the background (threestudio's DreamFusion: Adam 0.01, background 0.001).
 
     Attributes:
-        name: ``"adam"`` or ``"adamw"``. Default is ``"adam"``.
         lr: learning rate of the field (hash grid and MLPs). Default is 0.01.
         background_lr: learning rate of a learned background. Default is 0.001.
-        betas: Adam's betas. Default is (0.9, 0.99).
-        eps: Adam's epsilon. Default is 1e-15.
-        weight_decay: AdamW's weight decay. Default is 0.
     """
 
-    name: Literal["adam", "adamw"] = "adam"
     lr: float = 0.01
     background_lr: float = 0.001
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-15
-    weight_decay: float = 0.0
 
 
 class NeRFScene(Scene):
@@ -62,53 +56,43 @@ class NeRFScene(Scene):
 
     Args:
         field: the hash-grid field. Default is threestudio's ``implicit-volume``.
-        material: ``"diffuse"`` (albedo lit by a point light, DreamFusion) or ``"none"`` (unlit colour).
-            Default is ``"diffuse"``.
-        diffuse: settings of the diffuse material. Default is threestudio's.
-        unlit: settings of the unlit material. Default is sigmoid colour.
-        background: ``"solid"`` or ``"environment"`` (a learned environment map). Default is ``"environment"``.
-        solid: the solid background. Default is white.
-        environment: the learned environment map. Default is threestudio's.
         renderer: samples per ray, occupancy grid, backend. Default is threestudio's.
         optimizer: learning rates. Default is DreamFusion's.
         mesh_threshold: iso-density for mesh export, or ``"auto"`` (the mean of the grid's non-empty densities,
             threestudio's rule). Default is ``"auto"``.
+        **appearance: ``material`` (``"diffuse"``: albedo lit by a point light, DreamFusion; ``"none"``: unlit
+            colour) and its settings ``diffuse`` / ``unlit``, ``background`` (``"solid"`` or ``"environment"``, a
+            learned environment map) and its settings ``solid`` / ``environment``
+            (:func:`material_and_background`). Defaults are threestudio's diffuse material and environment map.
     """
 
     def __init__(
         self,
         field: ImplicitVolumeConfig | None = None,
-        material: Literal["diffuse", "none"] = "diffuse",
-        diffuse: DiffusePointLightConfig | None = None,
-        unlit: NoMaterialConfig | None = None,
-        background: Literal["solid", "environment"] = "environment",
-        solid: SolidColorConfig | None = None,
-        environment: NeuralEnvironmentMapConfig | None = None,
         renderer: VolumeRendererConfig | None = None,
         optimizer: NeRFOptimizer | None = None,
         mesh_threshold: float | Literal["auto"] = "auto",
+        **appearance: Any,
     ) -> None:
         super().__init__()
-        shading = _choose(
-            "material",
-            material,
-            {"diffuse": (DiffusePointLightMaterial, diffuse), "none": (NoMaterial, unlit)},
-        )
-        backdrop = _choose(
-            "background",
-            background,
-            {
-                "solid": (SolidColorBackground, solid),
-                "environment": (NeuralEnvironmentMapBackground, environment),
-            },
-        )
-        self.renderer = VolumeRenderer(ImplicitVolume(field), shading, backdrop, renderer)
+        shading, backdrop = material_and_background(**appearance)
+        self.renderer = self.build_renderer(field, shading, backdrop, renderer)
         self.optimizer_config = optimizer if optimizer is not None else NeRFOptimizer()
         self.mesh_threshold = mesh_threshold
+
+    def build_renderer(
+        self, field: Any, material: nn.Module, background: nn.Module, renderer: Any
+    ) -> VolumeRenderer:
+        """The field and its renderer from their configs (a subclass renders another field)."""
+        return VolumeRenderer(ImplicitVolume(field), material, background, renderer)
 
     @property
     def geometry(self) -> ImplicitVolume:
         return self.renderer.geometry
+
+    def surface(self) -> tuple[Callable[[Tensor], Tensor], float | Literal["auto"]]:
+        """The field whose level set is the object's surface, and that level (``"auto"`` for a density)."""
+        return self.geometry.density, self.mesh_threshold
 
     def check_device(self, device: torch.device) -> None:
         backends = {
@@ -133,12 +117,11 @@ class NeRFScene(Scene):
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
         cfg = self.optimizer_config
-        groups = [{"params": list(self.renderer.geometry.parameters()), "lr": cfg.lr, "name": "geometry"}]
-        background = [p for p in self.renderer.background.parameters() if p.requires_grad]
-        if background:
-            groups.append({"params": background, "lr": cfg.background_lr, "name": "background"})
-        optimizer_class = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-        return optimizer_class(groups, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay), None
+        groups = {
+            "geometry": (self.renderer.geometry.parameters(), cfg.lr),
+            "background": (self.renderer.background.parameters(), cfg.background_lr),
+        }
+        return cfg.build(groups), None
 
     def picard_buffers(self, prefix: str) -> dict[str, bool]:
         names = [f"{prefix}renderer.occupancy_grid.{name}" for name in ("occupancy", "binary")]
@@ -158,7 +141,8 @@ class NeRFScene(Scene):
     @torch.no_grad()
     def export_mesh(self, stem: Path, resolution: int = 128, texture_size: int | None = 512) -> list[Path]:
         geometry = self.geometry
-        mesh = marching_cubes(geometry.density, resolution, geometry.radius, level=self.mesh_threshold)
+        field, level = self.surface()
+        mesh = marching_cubes(field, resolution, geometry.radius, level=level)
         activation = getattr(self.renderer.material.config, "albedo_activation", "sigmoid")
 
         def color(points: Tensor) -> Tensor:
@@ -172,6 +156,40 @@ class NeRFScene(Scene):
         ]
 
 
+def material_and_background(
+    material: Literal["diffuse", "none"] = "diffuse",
+    diffuse: DiffusePointLightConfig | None = None,
+    unlit: NoMaterialConfig | None = None,
+    background: Literal["solid", "environment"] = "environment",
+    solid: SolidColorConfig | None = None,
+    environment: NeuralEnvironmentMapConfig | None = None,
+) -> tuple[nn.Module, nn.Module]:
+    """The material and the background a scene's config names, each built from its settings.
+
+    Args:
+        material: ``"diffuse"`` (albedo lit by a point light) or ``"none"`` (unlit colour). Default is ``"diffuse"``.
+        diffuse: settings of the diffuse material. Default is threestudio's.
+        unlit: settings of the unlit material. Default is sigmoid colour.
+        background: ``"solid"`` or ``"environment"`` (a learned environment map). Default is ``"environment"``.
+        solid: the solid background. Default is white.
+        environment: the learned environment map. Default is threestudio's.
+    """
+    shading = _choose(
+        "material",
+        material,
+        {"diffuse": (DiffusePointLightMaterial, diffuse), "none": (NoMaterial, unlit)},
+    )
+    backdrop = _choose(
+        "background",
+        background,
+        {
+            "solid": (SolidColorBackground, solid),
+            "environment": (NeuralEnvironmentMapBackground, environment),
+        },
+    )
+    return shading, backdrop
+
+
 def _choose(part: str, name: str, choices: dict[str, tuple[type[nn.Module], object]]) -> nn.Module:
     """Build the module ``choices[name]`` from its config, or say which names there are."""
     if name not in choices:
@@ -180,4 +198,4 @@ def _choose(part: str, name: str, choices: dict[str, tuple[type[nn.Module], obje
     return module_class(config)
 
 
-__all__ = ["NeRFOptimizer", "NeRFScene"]
+__all__ = ["NeRFOptimizer", "NeRFScene", "material_and_background"]

@@ -66,6 +66,17 @@ class Scene(nn.Module):
     def check_device(self, device: torch.device) -> None:
         """Raise ``ValueError`` if a backend this scene was configured with cannot run on ``device``. Default accepts any."""
 
+    def init_from(self, previous: Scene) -> None:
+        """Start from ``previous``, the trained scene of an earlier stage (``--model.init_from``).
+
+        Runs once before the first optimizer step of a fresh fit, on every rank. Raise ``ValueError`` saying
+        which representations this scene starts from when ``previous`` is not one. Default refuses any.
+        """
+        raise ValueError(
+            f"a {type(self).__name__} cannot start from another run's scene ({type(previous).__name__}); "
+            "remove model.init_from"
+        )
+
     @torch.no_grad()
     def export_mesh(self, stem: Path, resolution: int = 128, texture_size: int | None = 512) -> list[Path]:
         """Write the object as ``stem.obj`` (textured when ``texture_size`` is set) and ``stem.glb``."""

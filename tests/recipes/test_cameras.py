@@ -192,7 +192,11 @@ def test_single_image_datamodule_pairs_reference_view_with_step_cameras(tmp_path
     iio.imwrite(tmp_path / "ref.png", rgba)
     reference = ReferenceViewConfig(height=[8, 16], width=[8, 16], resolution_milestones=[3])
     module = SingleImageDataModule(
-        str(tmp_path / "ref.png"), reference, RandomCameraConfig(batch_size=3), seed=2, num_steps=5
+        str(tmp_path / "ref.png"),
+        reference=reference,
+        cameras=RandomCameraConfig(batch_size=3),
+        seed=2,
+        num_steps=5,
     )
     dataset = module.train_dataset()
     first, later = dataset[0], dataset[3]

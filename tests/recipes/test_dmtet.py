@@ -242,3 +242,16 @@ def test_nvdiffrast_matches_torch_reference():
     ref = render_mesh(mesh, cams, backend="torch")
     assert (fast.rast.face_id != ref.rast.face_id).float().mean() < 0.01
     assert (fast.rgb - ref.rgb).abs().mean() < 1e-2
+
+
+def test_background_pixels_give_finite_gradients_where_the_stand_in_face_divides_by_zero():
+    """A background pixel looks its barycentrics up in face 0; where their 1/w-weighted sum is exactly 0 (here
+    (−2, 1.5, 1.5) with w = (2, 3, 3) at pixel (3, 3)), the masked 0/0 must not send NaN into the gradient."""
+    screen = torch.tensor([[0.5, 0.5], [2.5, 0.5], [0.5, 2.5]])
+    w = torch.tensor([2.0, 3.0, 3.0])
+    ndc_x, ndc_y = screen[:, 0] / 4 - 1, 1 - screen[:, 1] / 4  # an 8x8 image
+    clip = torch.stack([ndc_x * w, ndc_y * w, torch.zeros(3), w], dim=-1).requires_grad_(True)
+    rast = rasterize(clip, torch.tensor([[0, 1, 2]]), 8, 8)
+    assert rast.face_id[0, 3, 3] == -1
+    rast.bary.sum().backward()
+    assert torch.isfinite(clip.grad).all()

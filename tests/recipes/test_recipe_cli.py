@@ -15,7 +15,7 @@ from recipes.cli import RunFolderError, main
 from recipes.guidance.loading import GuidanceModelNotFoundError
 
 SMOKE = Path(__file__).parents[2] / "recipes" / "configs" / "smoke"
-RECIPES = ("dreamgaussian", "dreamfusion")
+RECIPES = ("dreamgaussian", "dreamfusion", "textmesh", "magic3d-coarse")
 EXACT_PICARD = [
     "--trainer.devices=2",
     "--trainer.strategy=lightning_picard.PicardStrategy",
@@ -177,7 +177,9 @@ def test_the_console_script_hands_sys_exit_nothing(sequential_run, monkeypatch):
 
     from recipes.cli import entry_point
 
-    _, run_dir = sequential_run
+    recipe, run_dir = sequential_run
+    if recipe != RECIPES[0]:
+        pytest.skip("the console script does not depend on the recipe")
     monkeypatch.setattr(
         sys, "argv", ["lightning-picard", "export", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
     )

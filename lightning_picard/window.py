@@ -5,324 +5,33 @@ schedulers and gradient clipping. A :class:`PicardWindow` holds the anchor ``θ_
 sequential training has at step τ) and guesses ``θ_{τ+1} … θ_{τ+P}``. One round takes the gradients
 evaluated at every slot, replays ``U`` from the anchor, measures how far each guess was from its replayed
 value, and slides the anchor to the first step whose guess was off by more than the threshold.
-
-The parameters are made views of one flat buffer (:class:`FlatParameters`) so that loading a guess,
-measuring an error and recording a replayed state are single kernels on one tensor.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from lightning_picard.buffers import ModuleBuffers, copy_buffers
+from lightning_picard.convergence import (
+    SMALLEST_ERROR,
+    Aggregate,
+    ErrorUnits,
+    Initializer,
+    aggregate_errors,
+    first_unconverged,
+    segment_squares,
+    squared_norm,
+    step_relative_errors,
+)
+from lightning_picard.flat import FlatParameters, Layout
 from lightning_picard.resize import Lineage, ResizeEvent, rebase, resize_event, row_maps, unproject
-
-Aggregate = Literal["median", "mean"]
-Initializer = Literal["copy", "extrapolate"]
-ErrorUnits = Literal["step", "absolute"]
-AGGREGATES: tuple[str, ...] = ("median", "mean")
-INITIALIZERS: tuple[str, ...] = ("copy", "extrapolate")
-ERROR_UNITS: tuple[str, ...] = ("step", "absolute")
-
-
-Layout = tuple[torch.Size, ...]
-"""The shapes of the Picard parameters, in order."""
-
-
-class FlatParameters:
-    """Parameters re-seated as views of one contiguous buffer, plus the flat layout of their gradients.
-
-    A gradient row holds one flag per parameter tensor (1 if the parameter received a gradient, 0 if its
-    ``.grad`` was ``None``), so that replay skips exactly the parameters the sequential optimizer would skip,
-    followed by the ``numel`` gradient values.
-
-    The layout (the parameters' shapes) may change: :meth:`set_layout` re-seats the parameters in a buffer of
-    other shapes (to evaluate a guess of another size), :meth:`absorb` adopts shapes a module gave its
-    parameters (``param.data = new_rows``) in a resize.
-
-    Args:
-        params: the parameters, in a fixed order.
-        names: their names (as in ``named_parameters``), used to match a module's resize reports.
-    """
-
-    def __init__(self, params: Sequence[torch.nn.Parameter], names: Sequence[str] | None = None) -> None:
-        self.params = list(params)
-        if not self.params:
-            raise ValueError("Picard needs at least one trainable parameter; the module has none.")
-        self.names = list(names) if names is not None else [str(i) for i in range(len(self.params))]
-        if len(self.names) != len(self.params):
-            raise ValueError(f"got {len(self.names)} names for {len(self.params)} parameters")
-        dtypes = {p.dtype for p in self.params}
-        devices = {p.device for p in self.params}
-        if len(dtypes) > 1 or len(devices) > 1:
-            raise ValueError(
-                f"All trainable parameters must share one dtype and device for Picard, got dtypes "
-                f"{sorted(map(str, dtypes))} and devices {sorted(map(str, devices))}. Cast the module to one "
-                "dtype (e.g. precision='bf16-true' or '32-true') before fitting."
-            )
-        self._install(
-            torch.cat([p.detach().reshape(-1) for p in self.params]), tuple(p.shape for p in self.params)
-        )
-
-    def _install(self, flat: torch.Tensor, layout: Layout) -> None:
-        self.flat = flat
-        self.layout: Layout = layout
-        self.numels = [s.numel() for s in layout]
-        self.numel = sum(self.numels)
-        self._slices = []
-        offset = 0
-        for p, shape, n in zip(self.params, layout, self.numels):
-            p.data = flat[offset : offset + n].view(shape)
-            self._slices.append(slice(offset, offset + n))
-            offset += n
-        self._grad_flat = torch.zeros_like(flat)
-        self._grad_views = [self._grad_flat[s].view(shape) for s, shape in zip(self._slices, layout)]
-
-    @property
-    def header(self) -> int:
-        """Length of a gradient row's header: one presence flag per parameter tensor."""
-        return len(self.params)
-
-    @property
-    def row_length(self) -> int:
-        """Length of one gradient row in the current layout: the presence flags and the gradients."""
-        return self.header + self.numel
-
-    def new_rows(self, n: int) -> torch.Tensor:
-        """A zeroed ``[n, row_length]`` buffer on the parameters' device and dtype."""
-        return self.flat.new_zeros((n, self.row_length))
-
-    def set_layout(self, layout: Layout) -> None:
-        """Re-seat the parameters in a new buffer of shapes ``layout`` (values undefined); no-op if unchanged."""
-        if layout != self.layout:
-            self._install(self.flat.new_empty(sum(s.numel() for s in layout)), layout)
-
-    def absorb(self) -> bool:
-        """Adopt parameters whose storage the module replaced (``param.data = …``); returns whether any was."""
-        size = self.flat.element_size()
-        base = self.flat.data_ptr()
-        if all(
-            p.shape == shape and p.data_ptr() == base + s.start * size and p.is_contiguous()
-            for p, shape, s in zip(self.params, self.layout, self._slices)
-        ):
-            return False
-        bad = [
-            n
-            for n, p in zip(self.names, self.params)
-            if p.dtype != self.flat.dtype or p.device != self.flat.device
-        ]
-        if bad:
-            raise ValueError(
-                f"Parameters {bad} changed dtype or device during fit; Picard keeps one dtype and device."
-            )
-        self._install(
-            torch.cat([p.detach().reshape(-1) for p in self.params]), tuple(p.shape for p in self.params)
-        )
-        return True
-
-    def write_gradients(self, row: torch.Tensor) -> None:
-        """Copy the current ``.grad`` of every parameter into ``row`` (zeros and flag 0 where ``None``)."""
-        flags, values = row[: self.header], row[self.header : self.row_length]
-        for i, (p, s) in enumerate(zip(self.params, self._slices)):
-            if p.grad is None:
-                values[s].zero_()
-                flags[i] = 0
-            else:
-                values[s].copy_(p.grad.reshape(-1))
-                flags[i] = 1
-
-    def load_gradients(
-        self,
-        row: torch.Tensor,
-        present: Sequence[bool],
-        layout: Layout | None = None,
-        maps: Mapping[str, torch.Tensor] | None = None,
-    ) -> None:
-        """Set ``.grad`` of every parameter from ``row``; ``None`` where ``present`` is False.
-
-        The gradients are copied into storage owned here, so in-place changes (gradient clipping) by the
-        optimizer step never alter ``row``. A row written in another ``layout`` is mapped onto the current one
-        through ``maps`` (tensor name → source row of each current row, see :func:`~lightning_picard.resize.row_maps`):
-        children take their parent's gradient, rows without a source get zero.
-        """
-        values = row[self.header :]
-        if (layout is None or layout == self.layout) and not maps:
-            self._grad_flat.copy_(values[: self.numel])
-        else:
-            offset = 0
-            for name, view, shape in zip(self.names, self._grad_views, layout or self.layout):
-                source = values[offset : offset + shape.numel()].view(shape)
-                offset += shape.numel()
-                if maps and name in maps:
-                    source = unproject(source, maps[name])
-                if source.shape != view.shape:
-                    raise RuntimeError(
-                        f"The gradient of {name!r} has shape {tuple(source.shape)} but the parameter has "
-                        f"{tuple(view.shape)} and no resize event relates them: report every change of a "
-                        "parameter's rows from picard_after_optimizer_step."
-                    )
-                view.copy_(source)
-        for p, view, has_grad in zip(self.params, self._grad_views, present):
-            if not has_grad:
-                p.grad = None
-            elif p.grad is not view:
-                p.grad = view
-
-    def presence(self, row: torch.Tensor) -> list[bool]:
-        """Which parameters have a gradient in ``row`` (one host read of the flags)."""
-        return [bool(v) for v in row[: self.header].tolist()]
-
-
-class OptimizerSnapshot:
-    """A deep copy of an optimizer's state, its hyperparameters and its LR schedulers' state.
-
-    ``Optimizer.load_state_dict(state_dict())`` aliases state tensors since PyTorch 2.1, so a snapshot taken
-    that way changes when the optimizer steps. Here tensors are copied on capture and copied back on restore;
-    the snapshot stays valid after a restore, and its buffers are reused from one capture to the next.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, schedulers: Sequence[Any] = ()) -> None:
-        self.optimizer = optimizer
-        self.schedulers = list(schedulers)
-        self._state: dict[torch.Tensor, dict[str, Any]] | None = None
-        self._groups: list[dict[str, Any]] = []
-        self._scheduler_states: list[dict[str, Any]] = []
-
-    @property
-    def captured(self) -> bool:
-        """Whether :meth:`capture` has been called."""
-        return self._state is not None
-
-    def capture(self) -> None:
-        """Copy the optimizer's current state."""
-        previous = self._state or {}
-        self._state = {p: _copy_state(s, previous.get(p)) for p, s in self.optimizer.state.items() if s}
-        self._groups = [
-            {k: _clone(v) for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
-        ]
-        self._scheduler_states = [copy.deepcopy(s.state_dict()) for s in self.schedulers]
-
-    def restore(self) -> None:
-        """Copy the captured state back into the optimizer and schedulers."""
-        if self._state is None:
-            raise RuntimeError("OptimizerSnapshot.restore() called before capture().")
-        current = self.optimizer.state
-        for p in [p for p in current if p not in self._state]:
-            del current[p]
-        for p, saved in self._state.items():
-            current[p] = _copy_state(saved, current.get(p))
-        for group, saved in zip(self.optimizer.param_groups, self._groups):
-            group.update({k: _clone(v) for k, v in saved.items()})
-        for scheduler, saved in zip(self.schedulers, self._scheduler_states):
-            scheduler.load_state_dict(copy.deepcopy(saved))
-
-
-def _copy_state(source: dict[str, Any], reuse: dict[str, Any] | None) -> dict[str, Any]:
-    """A copy of one parameter's optimizer state, written into ``reuse``'s tensors when they match."""
-    if reuse is not None and reuse.keys() == source.keys():
-        tensors = [k for k, v in source.items() if isinstance(v, torch.Tensor)]
-        if all(
-            isinstance(reuse[k], torch.Tensor)
-            and reuse[k].shape == source[k].shape
-            and reuse[k].dtype == source[k].dtype
-            and reuse[k].device == source[k].device
-            for k in tensors
-        ):
-            for k, v in source.items():
-                if k in tensors:
-                    reuse[k].copy_(v)
-                else:
-                    reuse[k] = copy.deepcopy(v)
-            return reuse
-    return {k: _clone(v) for k, v in source.items()}
-
-
-def _clone(value: Any) -> Any:
-    return value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
-
-
-_SMALLEST_ERROR = torch.finfo(torch.float64).tiny
-
-
-def squared_norm(difference: torch.Tensor) -> torch.Tensor:
-    """‖difference‖² as a float64 scalar on the device, without a host sync and without a float64 copy.
-
-    The sum runs in float32 (in place of the 8·D-byte float64 copy a float64 reduction needs). Squares of
-    tiny differences can underflow to 0 there, so a non-zero difference whose norm underflows is reported
-    as the smallest positive float64: an error is 0 exactly when the guess equals its replayed value, which
-    keeps ``threshold=0`` exact.
-    """
-    if difference.numel() == 0:  # e.g. every Gaussian pruned
-        return torch.zeros((), dtype=torch.float64, device=difference.device)
-    accumulate = torch.float32 if difference.dtype in (torch.float16, torch.bfloat16) else None
-    norm = torch.linalg.vector_norm(difference, dtype=accumulate).to(torch.float64).square()
-    low, high = torch.aminmax(difference)  # a nonzero test ~10x cheaper than .any() on CPU
-    floor = ((low != 0) | (high != 0)).to(torch.float64) * _SMALLEST_ERROR
-    return torch.maximum(norm, floor)
-
-
-def segment_squares(values: torch.Tensor, numels: Sequence[int]) -> torch.Tensor:
-    """‖segment‖² of consecutive segments of ``values`` (lengths ``numels``), float64 ``[len(numels)]``."""
-    segments = list(values.split(list(numels)))
-    foreach_norm = getattr(torch, "_foreach_norm", None)
-    norms = (
-        foreach_norm(segments)
-        if foreach_norm is not None
-        else [torch.linalg.vector_norm(v) for v in segments]
-    )
-    return torch.stack(list(norms)).to(torch.float64).square()
-
-
-def step_relative_errors(
-    errors: torch.Tensor, steps: torch.Tensor, weights: torch.Tensor, fallback: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Errors in units of the round's step length: the largest over tensors, and the step scale used.
-
-    ``errors[j, k]`` is ‖θ′ − θ‖² of tensor k at slot j, ``steps[j, k]`` the ‖θ′_{τ+j+1} − θ′_{τ+j}‖² of the
-    replayed step into that slot (NaN where a resize made it incomparable), ``weights[k]`` the tensor's weight
-    (1 for a parameter, a buffer's weight, 0 to leave a tensor out). The scale of tensor k is its mean squared
-    step over the round (``fallback`` where no step of the round was comparable); the error of slot j is the
-    largest weighted ``errors[j, k] / scale[k]``: every tensor's guess is within the threshold of its own step.
-    A tensor whose guess is off while it did not move makes the slot infinitely far; a NaN error stays NaN.
-    """
-    comparable = ~torch.isnan(steps)
-    counted = comparable.sum(0)
-    scale = torch.where(comparable, steps, torch.zeros_like(steps)).sum(0) / counted.clamp(min=1)
-    missing = fallback if fallback is not None else torch.full_like(scale, math.nan)
-    scale = torch.where(counted > 0, scale, missing)
-    ratio = torch.where(errors == 0, torch.zeros_like(errors), errors / scale)  # 0/0: exact and did not move
-    ratio = torch.where(weights > 0, ratio * weights, torch.zeros_like(ratio))
-    return ratio.amax(dim=1), scale
-
-
-def first_unconverged(errors: Sequence[float], threshold: float) -> int:
-    """The slide length: 1 + the number of leading errors within ``threshold`` (at most ``len(errors)``).
-
-    ``errors[i]`` compares the guess of step ``τ + i + 1`` with its replayed value. A non-finite error
-    counts as unconverged.
-    """
-    for i, err in enumerate(errors):
-        if not err <= threshold:
-            return i + 1
-    return len(errors)
-
-
-def aggregate_errors(errors: Sequence[float], how: Aggregate) -> float:
-    """A true median or the mean of the finite errors (``nan`` if none is finite)."""
-    finite = sorted(e for e in errors if math.isfinite(e))
-    if not finite:
-        return math.nan
-    if how == "mean":
-        return sum(finite) / len(finite)
-    mid = len(finite) // 2
-    return finite[mid] if len(finite) % 2 else 0.5 * (finite[mid - 1] + finite[mid])
+from lightning_picard.snapshot import OptimizerSnapshot
 
 
 @dataclass
@@ -549,6 +258,7 @@ class PicardWindow:
         errors_device = torch.zeros(n, dtype=torch.float64, device=self.flat.flat.device)
         sizes = []
         relative = self.error_units == "step"
+        exact = self.threshold <= SMALLEST_ERROR  # only then must a difference that underflows count
         parts: list[torch.Tensor] = []  # per slot: ‖θ′ − θ‖² of each tensor (step units only)
         steps: list[torch.Tensor] = []  # per slot: ‖θ′_{τ+j+1} − θ′_{τ+j}‖² of each tensor
         weights: list[list[float]] = []
@@ -574,7 +284,9 @@ class PicardWindow:
             before = lineage
             lineage = replay(j, j, lineage)
             target = self._row(j + 1)
-            errors_device[j], size = self._squared_error(target, lineage)
+            errors_device[j], size = self._squared_error(
+                target, lineage, norm=exact or not relative, exact=exact
+            )
             sizes.append(size)
             if relative:
                 error_parts, step_parts, part_weights = self._relative_parts(
@@ -585,7 +297,7 @@ class PicardWindow:
                 weights.append(part_weights)
             self._record(target, lineage)
         if relative:
-            errors = self._step_errors(errors_device, parts, steps, weights)
+            errors = self._step_errors(errors_device if exact else None, parts, steps, weights)
         else:
             errors = [e / size for e, size in zip(errors_device.tolist(), sizes)]
         threshold_used = self.threshold
@@ -656,12 +368,13 @@ class PicardWindow:
 
     def _step_errors(
         self,
-        absolute: torch.Tensor,
+        absolute: torch.Tensor | None,
         parts: Sequence[torch.Tensor],
         steps: Sequence[torch.Tensor],
         weights: Sequence[Sequence[float]],
     ) -> list[float]:
-        """The round's errors in step units (one host read); a guess that differs at all is never 0."""
+        """The round's errors in step units (one host read); with ``absolute`` (the errors' squared norms, given at
+        a zero threshold) a guess that differs at all is never 0."""
         errors = torch.stack(list(parts))
         step = torch.stack(list(steps))
         weight = torch.tensor(weights, dtype=torch.float64, device=errors.device)
@@ -669,7 +382,9 @@ class PicardWindow:
         if fallback is not None and fallback.shape != step.shape[1:]:
             fallback = None
         relative, self._step_scale = step_relative_errors(errors, step, weight, fallback)
-        floor = (absolute > 0).to(torch.float64) * _SMALLEST_ERROR
+        if absolute is None:
+            return relative.tolist()
+        floor = (absolute > 0).to(torch.float64) * SMALLEST_ERROR
         return torch.maximum(relative, floor).tolist()
 
     def _row_maps(self, source: Lineage, target: Lineage) -> dict[str, torch.Tensor] | None:
@@ -718,8 +433,14 @@ class PicardWindow:
             shapes.update({n: b.shape for n, b in self.buffers.live().items()})
         return shapes
 
-    def _squared_error(self, target: _Row, lineage: Lineage) -> tuple[torch.Tensor, int]:
-        """‖replayed − guess‖² (after mapping the guess onto the replayed rows) and the number of values."""
+    def _squared_error(
+        self, target: _Row, lineage: Lineage, norm: bool = True, exact: bool = True
+    ) -> tuple[torch.Tensor, int]:
+        """‖replayed − guess‖² (after mapping the guess onto the replayed rows) and the number of values.
+
+        Leaves replayed − guess in the scratch row when no resize maps them. Without ``norm`` only that difference
+        is computed (the error returned is 0); ``exact`` keeps a difference that underflows from reading as 0.
+        """
         flat = self.flat.flat
         maps = self._row_maps(target.lineage, lineage)
         if maps is None:
@@ -732,7 +453,9 @@ class PicardWindow:
             if self._scratch.values.shape != flat.shape:
                 self._scratch.values = torch.empty_like(flat)
             torch.sub(flat, target.values, out=self._scratch.values)
-            error = squared_norm(self._scratch.values)
+            if not norm:
+                return torch.zeros((), dtype=torch.float64, device=flat.device), self.flat.numel
+            error = squared_norm(self._scratch.values, exact_zero=exact)
         else:
             error = self._mapped_parameter_error(target, maps)
         size = self.flat.numel
@@ -743,7 +466,7 @@ class PicardWindow:
                 size += buffer_size
         if maps is not None:
             error = torch.maximum(
-                error, torch.tensor(_SMALLEST_ERROR, dtype=torch.float64, device=error.device)
+                error, torch.tensor(SMALLEST_ERROR, dtype=torch.float64, device=error.device)
             )
         return error, size
 

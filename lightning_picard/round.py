@@ -1,0 +1,291 @@
+"""One Picard round, owned in one place: who evaluates which slot, the gathered rows, the snapshot, the replay.
+
+Data flows one way (shared/DESIGN.md §1): this rank's slot gradients → its rows → one all-gather → the status read
+once → the replay → the errors → the slide. The training loop (:mod:`lightning_picard.loop`) runs the slots through
+Lightning and hands each slot's result to :meth:`PicardRound.record_slot`; it never reads or writes a row.
+
+A gathered row is ``[status | presence flags | gradient values | step outputs]``. The status columns hold exact
+integers in the row's dtype viewed as integers of the same width, so they are the same in float32, float16 and
+bfloat16 (no float rounding, no overflow): the slot's failure, non-finite, stop and SIGTERM flags, the checksum
+of the anchor, and the slot's loss as the bits of a float64 (what every rank hands ``on_train_batch_end``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lightning_picard.errors import PicardReplicaError
+from lightning_picard.flat import FlatParameters
+from lightning_picard.snapshot import OptimizerSnapshot
+from lightning_picard.window import PicardWindow, RoundResult, UpdateFn
+
+Gather = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""All-gathers every rank's ``[slots_per_rank, L]`` rows into the ``[world_size · slots_per_rank, L]`` buffer."""
+
+_INTEGER_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_LOSS_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_LOSS_ONLY, _LOSS_AND_MORE = 1, 1 + len(_LOSS_DTYPES)  # kind codes; 0: the slot returned no loss
+
+
+@dataclass(frozen=True)
+class SlotOwnership:
+    """Which rank evaluates which window slot: slot ``j`` on rank ``j mod world_size``, in row ``j // world_size``.
+
+    Args:
+        world_size: ranks over all nodes.
+        rank: this process's global rank.
+        window_size: slots per round P.
+    """
+
+    world_size: int
+    rank: int
+    window_size: int
+
+    @property
+    def slots_per_rank(self) -> int:
+        """Rows each rank contributes to the all-gather: ``ceil(window_size / world_size)``."""
+        return -(-self.window_size // self.world_size)
+
+    def owned(self, n: int) -> list[int]:
+        """The slots among the first ``n`` that this rank evaluates, last first (slot 0 is evaluated last, so the
+        module holds the anchor's evaluation state when the round's hooks run)."""
+        return [j for j in range(n) if j % self.world_size == self.rank][::-1]
+
+    def local_row(self, slot: int) -> int:
+        """Row of ``slot`` in its rank's rows."""
+        return slot // self.world_size
+
+    def gathered_row(self, slot: int) -> int:
+        """Row of ``slot`` in the gathered ``[world_size · slots_per_rank, …]`` buffer."""
+        return (slot % self.world_size) * self.slots_per_rank + slot // self.world_size
+
+    def rank_of(self, gathered_row: int) -> int:
+        """The rank that wrote a gathered row."""
+        return gathered_row // self.slots_per_rank
+
+
+@dataclass
+class RoundStatus:
+    """The gathered status of a round, read with one host copy; the same on every rank.
+
+    Attributes:
+        failed: ``(step, rank)`` of every evaluation that raised.
+        nonfinite: slots whose gradient holds a NaN or an infinity.
+        stops: slots whose ``training_step`` set ``trainer.should_stop``.
+        sigterm: whether any rank received SIGTERM before this round.
+        presence: per slot, which parameter tensors have a gradient.
+        loss: the loss of slot 0 (step τ), ``None`` if it returned none.
+        loss_only: whether slot 0's ``training_step`` returned nothing but its loss.
+    """
+
+    failed: list[tuple[int, int]]
+    nonfinite: list[int]
+    stops: list[int]
+    sigterm: bool
+    presence: list[list[bool]]
+    loss: torch.Tensor | None
+    loss_only: bool
+
+    def accepted_limit(self, n: int) -> int:
+        """Slots the replay may accept: up to the first non-finite guess (not on the true trajectory unless it is
+        the anchor's own gradient) and up to and including the first step that asked training to stop."""
+        nonfinite = [j for j in self.nonfinite if 0 < j < n]
+        if nonfinite:
+            n = nonfinite[0]
+        stops = [j for j in self.stops if j < n]
+        return stops[0] + 1 if stops else n
+
+
+class PicardRound:
+    """Runs Picard rounds over a :class:`PicardWindow`: owns the gathered rows and their format, the slot
+    ownership, the optimizer snapshot and the replay.
+
+    One round: :meth:`begin`, then per owned slot :meth:`load` (the guess into the module), the caller's evaluation
+    and :meth:`record_slot` (or :meth:`record_failure`), then :meth:`gather` and :meth:`replay`.
+
+    Args:
+        window: the window (anchor and guesses) of the module's flat parameters.
+        snapshot: the optimizer (and schedulers) state the replay returns to.
+        ownership: which rank evaluates which slot.
+        gather: the all-gather of the rows (not called with one rank).
+    """
+
+    def __init__(
+        self, window: PicardWindow, snapshot: OptimizerSnapshot, ownership: SlotOwnership, gather: Gather
+    ) -> None:
+        self.window = window
+        self.snapshot = snapshot
+        self.ownership = ownership
+        self._gather = gather
+        self._local: torch.Tensor | None = None
+        self._gathered: torch.Tensor | None = None
+        flat = window.flat
+        self._loss_columns = 8 // flat.flat.element_size()
+        self._checksum = 3
+        self._columns = {"failed": 0, "nonfinite": 1, "stop": 2, "sigterm": 3, "checksum": 4}
+        self._columns["loss_kind"] = 4 + self._checksum
+        self._columns["loss"] = self._columns["loss_kind"] + 1
+        self._status = self._columns["loss"] + self._loss_columns
+        self._gradients: dict[int, torch.Tensor] = {}
+
+    @property
+    def flat(self) -> FlatParameters:
+        return self.window.flat
+
+    @property
+    def status_columns(self) -> int:
+        """Integer columns before the presence flags in each row."""
+        return self._status
+
+    def release_buffers(self) -> None:
+        """Drop the row buffers (a new fit may have another module); they are rebuilt on the next round."""
+        self._local = self._gathered = None
+
+    def begin(self, n: int, sigterm: bool = False) -> list[int]:
+        """Start a round of ``n`` slots; returns this rank's slots, in evaluation order.
+
+        ``sigterm``: this rank received SIGTERM; every rank learns it at the gather (no collective of its own).
+        """
+        window, flat = self.window, self.flat
+        length = self._status + flat.header + max(window.slot_numel(j) for j in range(n))
+        if self._local is None or self._local.shape[1] != length:
+            ownership = self.ownership
+            rows = ownership.slots_per_rank
+            self._gathered = flat.flat.new_zeros((ownership.world_size * rows, length))
+            self._local = self._gathered[ownership.rank * rows : (ownership.rank + 1) * rows]
+        status = _integers(self._local[:, : self._status])
+        status.zero_()
+        columns = self._columns
+        checksum = columns["checksum"]
+        status[:, checksum : checksum + self._checksum] = _checksum(window.guess(0), self._checksum)
+        if sigterm:
+            status[:, columns["sigterm"]] = 1
+        return self.ownership.owned(n)
+
+    def load(self, j: int) -> None:
+        """Set the module's parameters (and Picard buffers) to slot ``j``'s guess (``0``: the anchor)."""
+        self.window.load(j)
+
+    def record_slot(
+        self, j: int, stop: bool = False, loss: torch.Tensor | None = None, more: bool = False
+    ) -> None:
+        """Write slot ``j``'s gradients (the parameters' ``.grad``), step outputs and flags into its row.
+
+        Args:
+            stop: ``training_step`` set ``trainer.should_stop`` (honoured only if the step is accepted).
+            loss: the slot's loss (``None``: it returned none).
+            more: ``training_step`` returned more than its loss.
+        """
+        window, flat = self.window, self.flat
+        index = self.ownership.local_row(j)
+        row = self._local[index]  # type: ignore[index]
+        status = _integers(row[: self._status])
+        gradient = row[self._status : self._status + flat.row_length]
+        flat.write_gradients(gradient)
+        columns = self._columns
+        status[columns["nonfinite"]] = _has_nonfinite(gradient[flat.header :])
+        if stop:
+            status[columns["stop"]] = 1
+        if loss is not None:
+            kind = _LOSS_AND_MORE if more else _LOSS_ONLY
+            dtype = loss.dtype if loss.dtype in _LOSS_DTYPES else torch.float64
+            status[columns["loss_kind"]] = kind + _LOSS_DTYPES.index(dtype)
+            bits = loss.detach().reshape(()).to(torch.float64).reshape(1).view(status.dtype)
+            status[columns["loss"] : columns["loss"] + self._loss_columns] = bits
+        if window.buffers is not None and window.buffers.outputs:
+            window.buffers.write_outputs(row[self._status + flat.row_length :])
+
+    def record_failure(self, j: int) -> None:
+        """Slot ``j``'s evaluation raised: every rank learns it at the gather. Puts the anchor back."""
+        status = _integers(self._local[self.ownership.local_row(j), : self._status])  # type: ignore[index]
+        status[self._columns["failed"]] = j + 1
+        self.window.load(0)
+
+    def gather(self, tau: int, n: int) -> RoundStatus:
+        """All-gather the rows and read their status (one host copy); raise :class:`PicardReplicaError` on every
+        rank if the ranks' anchors differ."""
+        gathered = self._gather(self._local, self._gathered) if self.ownership.world_size > 1 else self._local
+        self._gathered = gathered
+        header = self._status + self.flat.header
+        head = _integers(gathered[:, :header]).tolist()
+        columns = self._columns
+        checksum = slice(columns["checksum"], columns["checksum"] + self._checksum)
+        ownership = self.ownership
+        per_rank = ownership.slots_per_rank
+        for index in range(0, len(head), per_rank):
+            if head[index][checksum] != head[0][checksum]:
+                raise PicardReplicaError(index // per_rank, tau)
+        rows = [head[ownership.gathered_row(j)] for j in range(n)]
+        failed = [
+            (tau + row[columns["failed"]] - 1, ownership.rank_of(index))
+            for index, row in enumerate(head)
+            if row[columns["failed"]]
+        ]
+        kind = rows[0][columns["loss_kind"]]
+        loss = None
+        if kind:
+            dtype = _LOSS_DTYPES[(kind - _LOSS_ONLY) % len(_LOSS_DTYPES)]
+            bits = rows[0][columns["loss"] : columns["loss"] + self._loss_columns]
+            loss = (
+                torch.tensor(bits, dtype=_INTEGER_VIEW[gathered.element_size()]).view(torch.float64).to(dtype)
+            )
+            loss = loss.reshape(())
+        return RoundStatus(
+            failed=failed,
+            nonfinite=[j for j in range(n) if rows[j][columns["nonfinite"]]],
+            stops=[j for j in range(n) if rows[j][columns["stop"]]],
+            sigterm=any(row[columns["sigterm"]] for row in head),
+            presence=[[bool(v) for v in row[self._status :]] for row in rows],
+            loss=loss,
+            loss_only=0 < kind < _LOSS_AND_MORE,
+        )
+
+    def replay(
+        self,
+        tau: int,
+        n: int,
+        status: RoundStatus,
+        apply_update: UpdateFn,
+        extrapolate_update: UpdateFn | None = None,
+    ) -> RoundResult:
+        """Replay the first ``n`` slots' gradients from the anchor and slide the window (see
+        :meth:`PicardWindow.run_round`); the module then holds the new anchor."""
+        gathered = self._gathered
+        start = self._status
+        rows = [self.ownership.gathered_row(j) for j in range(n)]
+        return self.window.run_round(
+            tau,
+            n,
+            gradient_row=lambda j: gathered[rows[j], start:],  # type: ignore[index]
+            apply_update=apply_update,
+            snapshot=self.snapshot,
+            presence=status.presence[:n],
+            extrapolate_update=extrapolate_update,
+        )
+
+    def abort(self) -> bool:
+        """After an exception: the anchor back into the module and optimizer (see :meth:`PicardWindow.abort_round`)."""
+        return self.window.abort_round()
+
+
+def _integers(values: torch.Tensor) -> torch.Tensor:
+    """``values`` viewed as integers of the same width: the status columns hold exact integers in any dtype."""
+    return values.view(_INTEGER_VIEW[values.element_size()])
+
+
+def _checksum(anchor: torch.Tensor, columns: int) -> torch.Tensor:
+    """A checksum of the anchor's bits as ``columns`` integers below 2**15, on the device (no host sync)."""
+    total = _integers(anchor).sum(dtype=torch.int64)
+    shifts = torch.arange(columns, device=anchor.device, dtype=torch.int64) * 15
+    return (total >> shifts) & 0x7FFF
+
+
+def _has_nonfinite(values: torch.Tensor) -> torch.Tensor:
+    """Whether ``values`` holds a NaN or an infinity, on the device, without a ``values``-sized temporary."""
+    if values.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=values.device)
+    low, high = torch.aminmax(values)  # NaN propagates to both, ±inf to one of them
+    return ~(torch.isfinite(low) & torch.isfinite(high))
