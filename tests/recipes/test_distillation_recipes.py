@@ -60,8 +60,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("distillation")
     return {
         "asd": one_thread_fit("asd", root / "asd"),
-        "vsd": one_thread_fit("prolificdreamer", root / "vsd"),
-        "vsd-replayed": one_thread_fit("prolificdreamer", root / "vsd-replayed", *REPLAYED),
+        "vsd": one_thread_fit("prolificdreamer-coarse", root / "vsd"),
+        "vsd-replayed": one_thread_fit("prolificdreamer-coarse", root / "vsd-replayed", *REPLAYED),
     }
 
 
@@ -87,7 +87,7 @@ def test_asd_on_two_ranks_at_threshold_zero_equals_the_sequential_run_bit_for_bi
 @pytest.mark.multiprocess
 def test_vsd_with_a_replayed_particle_is_exact_on_two_ranks(runs, tmp_path):
     """The paper's rejected option makes the particle Picard state: the whole run is the sequential one."""
-    picard = fit("prolificdreamer", tmp_path / "picard", *TWO_RANKS, *REPLAYED)
+    picard = fit("prolificdreamer-coarse", tmp_path / "picard", *TWO_RANKS, *REPLAYED)
     assert_equal(final_state(picard), final_state(runs["vsd-replayed"]))
 
 
@@ -98,10 +98,10 @@ def test_vsd_with_rank_local_particles(runs, tmp_path):
     parameters leave the sequential trajectory even at threshold 0 (docs/recipes/recipes.md)."""
     sequential = final_state(runs["vsd"])
     one_rank = one_thread_fit(
-        "prolificdreamer", tmp_path / "one", *PICARD, "--trainer.strategy.window_size=1"
+        "prolificdreamer-coarse", tmp_path / "one", *PICARD, "--trainer.strategy.window_size=1"
     )
     assert_equal(final_state(one_rank), sequential)
-    two_ranks = fit("prolificdreamer", tmp_path / "two", *TWO_RANKS)
+    two_ranks = fit("prolificdreamer-coarse", tmp_path / "two", *TWO_RANKS)
     info = json.loads((two_ranks / "run.json").read_text())
     assert info["world_size"] == 2 and info["steps"] == 4
     state = final_state(two_ranks)
@@ -122,7 +122,7 @@ def test_test_and_export_work(runs, name):
 def test_vsd_on_stable_diffusion_trains_a_rank_local_lora(tiny_sd_folder, tiny_sd_v_folder, tmp_path):  # noqa: F811
     """The real path: peft LoRA on a (tiny, random) v-prediction UNet loaded from a folder, checkpointed, exported."""
     run_dir = fit(
-        "prolificdreamer",
+        "prolificdreamer-coarse",
         tmp_path / "sd",
         "--model.guidance.model=stable-diffusion",
         f"--model.guidance.pretrained_model_name_or_path={tiny_sd_folder}",
@@ -146,7 +146,7 @@ def test_vsd_on_a_unet_without_the_lora_targets_says_what_to_do(tiny_sd_folder, 
         ValueError, match=r"has none of them; set model\.distillation\.particle\.lora\.target_modules"
     ):
         fit(
-            "prolificdreamer",
+            "prolificdreamer-coarse",
             tmp_path / "sd",
             "--model.guidance.model=stable-diffusion",
             f"--model.guidance.pretrained_model_name_or_path={tiny_sd_folder}",
@@ -205,7 +205,12 @@ def test_a_particle_adapter_of_another_size_is_refused():
 
 @pytest.mark.parametrize(
     ("config", "method", "threshold", "aggregate"),
-    [("asd", "asd", 5e-6, "median"), ("prolificdreamer", "vsd", 3e-5, "mean")],
+    [
+        ("asd", "asd", 5e-6, "median"),
+        ("prolificdreamer-coarse", "vsd", 3e-5, "mean"),
+        ("prolificdreamer-geometry", "sds", 5e-5, "mean"),
+        ("prolificdreamer-texture", "vsd", 3e-5, "mean"),
+    ],
 )
 def test_the_paper_configs_parse_with_the_papers_picard_settings(config, method, threshold, aggregate):
     from recipes.cli import RecipeCLI
@@ -223,3 +228,17 @@ def test_the_paper_configs_parse_with_the_papers_picard_settings(config, method,
         0.9,
         aggregate,
     )
+
+
+def test_the_dmtet_stages_continue_the_vsd_nerf(runs, tmp_path):
+    """ProlificDreamer's stages 2 and 3: the coarse NeRF becomes a DMTet shape (trained alone), whose texture is then
+    trained by VSD with the shape frozen."""
+    geometry = fit("prolificdreamer-geometry", tmp_path / "geometry", f"--model.init_from={runs['vsd']}")
+    texture = fit("prolificdreamer-texture", tmp_path / "texture", f"--model.init_from={geometry}")
+    shaped, textured = final_state(geometry), final_state(texture)
+    for name in ("scene.geometry.sdf", "scene.geometry.deformation"):
+        assert torch.equal(textured[name], shaped[name]), name  # frozen in the texture stage
+    changed = [
+        n for n in textured if n.startswith("scene.texture.") and not torch.equal(textured[n], shaped[n])
+    ]
+    assert changed and textured["particle.delta"].abs().sum() > 0
