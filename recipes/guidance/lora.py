@@ -58,12 +58,13 @@ class LoRAParticleConfig:
 
 @dataclass
 class ParticleCondition:
-    """Condition of the particle score: text embeddings [B or 1, L, D] and cameras [B, 16] (flattened c2w).
+    """Condition of the particle score: text embeddings [B or 1, L, D] (None for a model without text) and
+    cameras [B, 16] (flattened c2w).
 
     ``camera=None`` is the camera-unconditional branch (zeros).
     """
 
-    text: torch.Tensor
+    text: torch.Tensor | None
     camera: torch.Tensor | None = None
 
     def without_camera(self) -> ParticleCondition:
@@ -99,10 +100,20 @@ class LoRAParticleScore:
         self.config = config
         self.prediction_type = prediction_type
         self.unet = unet.eval().requires_grad_(False)
-        self.unet.add_adapter(
-            LoraConfig(r=config.rank, lora_alpha=config.rank, target_modules=list(config.target_modules)),
-            adapter_name="particle",
-        )
+        try:
+            self.unet.add_adapter(
+                LoraConfig(r=config.rank, lora_alpha=config.rank, target_modules=list(config.target_modules)),
+                adapter_name="particle",
+            )
+        except ValueError as error:
+            if "not found" not in str(error):
+                raise
+            raise ValueError(
+                f"VSD puts its LoRA on the modules {list(config.target_modules)} of {config.pretrained_model_name_or_path}"
+                ", which has none of them; set model.distillation.particle.lora.target_modules to that UNet's "
+                "attention projections (e.g. [to_q, to_k, to_v, to_out.0]) or its pretrained_model_name_or_path to a "
+                "Stable Diffusion UNet"
+            ) from None
         time_embed_dim = self.unet.time_embedding.linear_2.out_features
         self.unet.class_embedding = TimestepEmbedding(CAMERA_DIM, time_embed_dim).to(self.unet.device)
         for parameter in self.lora_parameters():

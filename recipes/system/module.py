@@ -1,7 +1,8 @@
 """The one LightningModule every text-to-3D recipe runs: scene + guidance + score distillation + outputs.
 
 A recipe is a YAML config that composes a :class:`~recipes.system.scene.Scene` (3D Gaussians, a NeRF, …), a
-:class:`~recipes.system.guidance.GuidanceConfig`, the SDS settings and the step schedules. The module is
+:class:`~recipes.system.guidance.GuidanceConfig`, the score distillation (SDS, ASD or VSD:
+:mod:`recipes.system.distillation`) and the step schedules. The module is
 Picard-ready by construction (docs/picard-ready-module.md): every random choice of step ``s`` comes from the
 per-step seed, work between optimizer steps happens in ``picard_after_optimizer_step``, and the same module
 runs sequentially (it adds :class:`lightning_picard.StepSeed` itself when the strategy is not Picard).
@@ -24,13 +25,15 @@ from lightning_picard.progress import picard_progress_bar
 from recipes.data.cameras import Cameras
 from recipes.export.video import image_grid, save_image, write_video
 from recipes.guidance.prompts import PromptConfig
-from recipes.guidance.sds import ScoreDistillationSampling, SDSConfig
+from recipes.guidance.sds import SDSConfig
 from recipes.losses.regularizers import RegularizerWeights, regularization
+from recipes.system.distillation import DistillationConfig, Distiller, LoRAParameters, particle_module
 from recipes.system.guidance import Guidance, GuidanceConfig, prompt_config
 from recipes.system.scene import Scene
 
 SCENE_PREFIX = "scene."
-RENDER_STREAM, GUIDANCE_STREAM = 1, 2  # offsets of the step's independent random streams
+RENDER_STREAM, GUIDANCE_STREAM, PARTICLE_STREAM = 1, 2, 3  # offsets of the step's independent random streams
+PARTICLE_PREFIX = "particle."
 
 
 class TextTo3D(pl.LightningModule):
@@ -47,7 +50,10 @@ class TextTo3D(pl.LightningModule):
         guidance: the diffusion model. Default is Stable Diffusion 2.1 base.
         prompt_options: view-dependent prompting, negative prompt, embedding cache; its ``prompt`` field is
             replaced by ``prompt``. Default is threestudio's view-dependent prompting.
-        sds: Score Distillation Sampling settings (CFG scale, timestep schedule, weighting). Default is SDS's.
+        sds: Score Distillation Sampling settings (CFG scale, timestep schedule, weighting), used when
+            ``distillation.method`` is ``sds``. Default is SDS's.
+        distillation: the score distillation (``method: sds | asd | vsd`` and the ASD/VSD settings, VSD's
+            particle score and its placement under Picard). Default is SDS.
         regularizers: weights (numbers or step schedules) of the render regularizers (orientation, sparsity,
             opaque, z-variance, eikonal, …; docs/recipes/regularizers.md). Default is none.
         seed: base of the per-step seeds of a sequential run; under Picard it must equal the strategy's seed.
@@ -67,6 +73,7 @@ class TextTo3D(pl.LightningModule):
         guidance: GuidanceConfig | None = None,
         prompt_options: PromptConfig | None = None,
         sds: SDSConfig | None = None,
+        distillation: DistillationConfig | None = None,
         regularizers: RegularizerWeights | None = None,
         seed: int = 0,
         mesh_resolution: int = 128,
@@ -79,13 +86,20 @@ class TextTo3D(pl.LightningModule):
         self.recipe = recipe
         self.guidance_config = guidance if guidance is not None else GuidanceConfig()
         self.sds_config = sds if sds is not None else SDSConfig()
+        self.distillation_config = distillation if distillation is not None else DistillationConfig()
+        self.distillation_config.check_guidance(self.guidance_config)
+        self.particle: torch.nn.Module | None = particle_module(
+            self.distillation_config, self.guidance_config
+        )
+        self._pending_particle_state: dict[str, Tensor] = {}
+        self._particle_optimizer: torch.optim.Optimizer | None = None
         self.regularizers = regularizers if regularizers is not None else RegularizerWeights()
         self.seed = seed
         self.mesh_resolution = mesh_resolution
         self.texture_size = texture_size
         self.init_from = init_from
         self._started_from: str | None = None
-        self._guidance: dict[str, Guidance] = {}  # a plain dict: the model is never a submodule
+        self._guidance: dict[str, Any] = {}  # a plain dict: the models are never submodules
         self._test_frames: list[Tensor] = []
         self._train_started = time.perf_counter()
         self._checkpoint_step = 0  # the step of the loaded checkpoint (test does not restore global_step)
@@ -122,6 +136,9 @@ class TextTo3D(pl.LightningModule):
             self.check_data(getattr(self.trainer, "datamodule", None))
             if self.trainer.ckpt_path is None:  # a resumed fit restores its own state
                 self.start_from_previous_stage()
+            # VSD's particle trainables must exist before the optimizers and the Picard state are set up
+            if self.distillation_config.method == "vsd":
+                self.load_distiller(self.trainer.strategy.root_device)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """:class:`~lightning_picard.StepSeed` in sequential runs, and a bar that counts steps (and rounds)."""
@@ -141,13 +158,62 @@ class TextTo3D(pl.LightningModule):
     @property
     def guidance(self) -> Guidance:
         """The loaded guidance (loaded on first use, on this module's device)."""
-        if "loaded" not in self._guidance:
-            rank_zero_info(f"Loading guidance: {self.guidance_config.model}")
-            self._guidance["loaded"] = Guidance.load(self.guidance_config, self.prompt, self.device)
-        return self._guidance["loaded"]
+        return self.load_distiller(self.device).guidance
+
+    @property
+    def distiller(self) -> Distiller:
+        """The configured score distillation on the loaded guidance (loaded on first use)."""
+        return self.load_distiller(self.device)
+
+    def load_distiller(self, device: torch.device) -> Distiller:
+        """Load the guidance (and VSD's LoRA, registered as :attr:`particle`) onto ``device`` once."""
+        if "distiller" not in self._guidance:
+            rank_zero_info(
+                f"Loading guidance: {self.guidance_config.model} ({self.distillation_config.method})"
+            )
+            guidance = Guidance.load(self.guidance_config, self.prompt, device)
+            distiller = Distiller.build(
+                self.distillation_config, self.sds_config, guidance, self.particle, device
+            )
+            if self.particle is None and distiller.particle is not None:
+                self.particle = LoRAParameters(distiller.particle)
+                if self._pending_particle_state:
+                    self.particle.load_state_dict(self._pending_particle_state)
+                    self._pending_particle_state = {}
+            self._guidance["distiller"] = distiller
+        return self._guidance["distiller"]
 
     def on_fit_start(self) -> None:
-        self.guidance  # noqa: B018  (load before the first step, not inside a timed slot)
+        distiller = self.distiller  # load before the first step, not inside a timed slot
+        if self._particle_placement() == "rank_local":
+            self._particle_optimizer = distiller.particle_optimizer()
+
+    def _particle_placement(self) -> str | None:
+        if self.distillation_config.method != "vsd":
+            return None
+        return self.distillation_config.particle.placement
+
+    def picard_local_parameters(self) -> list[torch.nn.Parameter]:
+        """VSD's particle trainables when they are rank-local (the paper's choice); else none."""
+        if self._particle_placement() != "rank_local" or self.particle is None:
+            return []
+        return list(self.particle.parameters())
+
+    def on_after_backward(self) -> None:
+        """Step the rank-local particle right after each gradient evaluation (each Picard slot, or each step)."""
+        if self._particle_optimizer is None or not self.training:
+            return
+        self._particle_optimizer.step()
+        self._particle_optimizer.zero_grad(set_to_none=True)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """As ``nn.Module``'s; a LoRA particle's tensors wait until the LoRA is loaded (test and export need none)."""
+        if self.particle is None:
+            particle = {k: v for k, v in state_dict.items() if k.startswith(PARTICLE_PREFIX)}
+            if particle:
+                self._pending_particle_state = {k[len(PARTICLE_PREFIX) :]: v for k, v in particle.items()}
+                state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PARTICLE_PREFIX)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_train_start(self) -> None:
         self._train_started = time.perf_counter()
@@ -171,6 +237,14 @@ class TextTo3D(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer, scheduler = self.scene.configure_optimizers()
+        if self._particle_placement() == "replayed":
+            group = self.distiller.particle_param_group()
+            if not isinstance(optimizer, torch.optim.AdamW):
+                raise ValueError(
+                    "particle.placement 'replayed' trains the particle in the scene's optimizer, which must be AdamW "
+                    "(ProlificDreamer's); set model.scene.optimizer.name adamw, or use placement rank_local"
+                )
+            optimizer.add_param_group(group)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -182,14 +256,16 @@ class TextTo3D(pl.LightningModule):
         self.scene.prepare_step(step)
         out = self.scene.render(cameras, generator=step_generator(offset=RENDER_STREAM))
         generator = step_generator(offset=GUIDANCE_STREAM)
-        guidance = self.guidance
-        x = guidance.encode(out["comp_rgb"], generator)
-        condition, uncondition = guidance.conditions(cameras)
-        sds = ScoreDistillationSampling(guidance.denoiser, self.sds_config)
-        distilled = sds(x, condition, uncondition, global_step=step, generator=generator)
+        distiller = self.distiller
+        x = distiller.guidance.encode(out["comp_rgb"], generator)
+        distilled = distiller(x, cameras, step, generator)
         loss = distilled.loss
-        self.log("train/loss_sds", loss.detach())
+        self.log(f"train/loss_{distiller.name}", loss.detach())
         self.log("train/t", distilled.t.float().mean())
+        particle_loss = distiller.particle_loss(x, cameras, step, step_generator(offset=PARTICLE_STREAM))
+        if particle_loss is not None:
+            loss = loss + particle_loss
+            self.log("train/loss_particle", particle_loss.detach())
         for name, term in regularization(out, self.regularizers, step).items():
             loss = loss + term
             self.log(f"train/{name}", term.detach())
