@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/distillation_quality.py --recipes prolificdreamer \
         --variant replayed=--model.distillation.particle.placement=replayed
 
-For each ``recipes/configs/cpu/<recipe>.yaml`` it fits the sequential run (``--trainer.strategy=auto``) and the
+For each ``recipes/configs/demo/<recipe>.yaml`` it fits the sequential run (``--trainer.strategy=auto``) and the
 Picard run (the config's strategy on ``--devices`` processes), one thread per process, through the
 ``lightning-picard`` command line, then measures the novel-view PSNR/SSIM against the procedural object's ground
 truth (``recipes.eval.novel_view_quality``: the 8 held-out views) of the initialisation (the module as the config
@@ -26,7 +26,7 @@ from recipes.cli import RecipeCLI
 from recipes.demo import fit_runs, load_run, render_chw
 from recipes.eval import novel_view_quality
 
-CONFIGS = Path(__file__).parents[1] / "recipes" / "configs" / "cpu"
+CONFIGS = Path(__file__).parents[1] / "recipes" / "configs" / "demo"
 
 
 def initial_quality(config: Path) -> float:
