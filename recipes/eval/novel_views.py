@@ -45,3 +45,32 @@ def novel_view_quality(
         psnr_per_view=per_view_psnr,
         ssim_per_view=per_view_ssim,
     )
+
+
+@torch.no_grad()
+def silhouette_iou(
+    render_alpha: Callable[[Cameras], Tensor],
+    cameras: Cameras | None = None,
+    ground_truth: ProceduralObject | None = None,
+    threshold: float = 0.5,
+) -> float:
+    """Mean intersection over union of the rendered and the true silhouettes, a measure of the shape alone.
+
+    ``render_alpha(cameras)`` is the coverage ``[V, 1, H, W]`` in [0, 1]; a pixel is inside where the coverage
+    exceeds ``threshold`` (Default is 0.5). Cameras and ground truth as :func:`novel_view_quality`'s (Default is
+    the 8 held-out 32 × 32 views and ``default_procedural_object()``). A view where both silhouettes are empty
+    counts 1.
+    """
+    cameras = held_out_cameras() if cameras is None else cameras
+    ground_truth = default_procedural_object() if ground_truth is None else ground_truth
+    target = ground_truth.render(cameras).alpha > threshold
+    prediction = render_alpha(cameras).to(target.device, torch.float32) > threshold
+    if prediction.shape != target.shape:
+        raise ValueError(
+            f"render_alpha returned {tuple(prediction.shape)}, the ground truth is {tuple(target.shape)}; "
+            "return the coverage as [V, 1, H, W] at the cameras' size"
+        )
+    intersection = (prediction & target).flatten(1).sum(1).float()
+    union = (prediction | target).flatten(1).sum(1).float()
+    per_view = torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+    return per_view.mean().item()

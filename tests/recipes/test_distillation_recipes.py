@@ -242,3 +242,41 @@ def test_the_dmtet_stages_continue_the_vsd_nerf(runs, tmp_path):
         n for n in textured if n.startswith("scene.texture.") and not torch.equal(textured[n], shaped[n])
     ]
     assert changed and textured["particle.delta"].abs().sum() > 0
+
+
+def test_the_cpu_size_prolificdreamer_chain_parses_and_its_stages_hand_over():
+    """demo/prolificdreamer-chain.yaml (docs/benchmarks.md): three closed-form configs whose texture fields can take
+    the coarse NeRF's colour and whose DMTet grids match, each with the paper's Picard threshold for its stage."""
+    from recipes.cli import RecipeCLI
+    from recipes.stages import read_stages
+
+    recipe, stages = read_stages(SMOKE.parent / "demo" / "prolificdreamer-chain.yaml")
+    assert recipe == "prolificdreamer"
+    assert [(s.name, s.init_from) for s in stages] == [
+        ("coarse", None),
+        ("geometry", "coarse"),
+        ("texture", "geometry"),
+    ]
+    models = {}
+    for stage in stages:
+        models[stage.name] = RecipeCLI(
+            args=["-c", str(stage.config)], run=False, save_config_callback=None
+        ).model
+        assert models[stage.name].guidance_config.model == "closed-form"
+        threshold = yaml.safe_load(Path(stage.config).read_text())["trainer"]["strategy"]["init_args"][
+            "threshold"
+        ]
+        assert threshold == {"coarse": 3e-5, "geometry": 5e-5, "texture": 3e-5}[stage.name]
+    coarse, geometry, texture = models["coarse"].scene, models["geometry"].scene, models["texture"].scene
+    assert (geometry.stage, texture.stage) == ("geometry", "texture")
+    assert [models[n].distillation_config.method for n in ("coarse", "geometry", "texture")] == [
+        "vsd",
+        "sds",
+        "vsd",
+    ]
+    geometry.texture.inherit(coarse.geometry)  # raises if the texture field differs from the coarse field
+    torch.testing.assert_close(
+        geometry.texture.feature_network.state_dict(), coarse.geometry.feature_network.state_dict()
+    )
+    texture.init_from(geometry)  # raises if the grids differ
+    assert torch.equal(texture.geometry.sdf, geometry.geometry.sdf)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recipes.data.procedural import default_procedural_object, held_out_cameras
-from recipes.eval import novel_view_quality, psnr, ssim
+from recipes.eval import novel_view_quality, psnr, silhouette_iou, ssim
 from recipes.eval.metrics import gaussian_window
 
 
@@ -75,3 +75,21 @@ def test_novel_view_quality_ranks_renders_against_the_ground_truth():
     assert exact.psnr > noisy.psnr > blank.psnr and exact.ssim > noisy.ssim > blank.ssim
     assert noisy.psnr_per_view.shape == (8,) and 25 < noisy.psnr < 30  # σ = 0.05 noise is 26 dB
     assert noisy.psnr == pytest.approx(noisy.psnr_per_view.mean().item())
+
+
+def test_silhouette_iou_is_one_for_the_true_shape_and_falls_with_a_smaller_or_missing_one():
+    truth = default_procedural_object()
+    cameras = held_out_cameras(height=24, width=24)
+
+    def true_alpha(c):
+        return truth.render(c).alpha
+
+    def eroded(c):  # the true silhouette less its boundary pixels
+        alpha = truth.render(c).alpha
+        return -torch.nn.functional.max_pool2d(-alpha, 3, stride=1, padding=1)
+
+    assert silhouette_iou(true_alpha, cameras) == pytest.approx(1.0)
+    assert 0.3 < silhouette_iou(eroded, cameras) < 0.95
+    assert silhouette_iou(lambda c: torch.zeros(len(c), 1, 24, 24), cameras) == 0.0
+    with pytest.raises(ValueError, match=r"\[V, 1, H, W\]"):
+        silhouette_iou(lambda c: torch.zeros(len(c), 24, 24, 1), cameras)
