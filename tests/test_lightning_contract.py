@@ -42,8 +42,6 @@ def _instance(cls: type) -> object:
         return cls(training=True)
     if cls.__name__ == "_HandlersCompose":
         return cls([])
-    if issubclass(cls, pl.LightningModule):
-        return cls()
     return cls()
 
 

@@ -78,6 +78,32 @@ def camera_dropout_mask(
     return rand((batch_size,), device, generator) < probability
 
 
+def particle_optimizer(parameters: list[torch.nn.Parameter], config: Any) -> torch.optim.Optimizer:
+    """AdamW over a particle's trainables with ``config``'s ``learning_rate``, ``betas``, ``eps``, ``weight_decay``."""
+    return torch.optim.AdamW(
+        parameters,
+        lr=config.learning_rate,
+        betas=config.betas,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+    )
+
+
+def noised_samples(
+    latents: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    num_train_timesteps: int,
+    repeats: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A particle loss's samples: the renders ``latents`` (detached) ``repeats`` times each, fresh t ~ U{0, …, T−1}
+    and noise (drawn in that order from ``generator``), and the noised ``x_t``; returns (x0, t, noise, x_t)."""
+    x0 = latents.detach().float().repeat_interleave(repeats, dim=0)
+    t = randint(0, num_train_timesteps, (x0.shape[0],), x0.device, generator)
+    noise = randn_like(x0, generator)
+    return x0, t, noise, add_noise(alphas_cumprod, x0, noise, t)
+
+
 class LoRAParticleScore:
     """A frozen UNet + trainable LoRA + camera embedding, seen as an ε-predicting :class:`Denoiser`.
 
@@ -159,14 +185,7 @@ class LoRAParticleScore:
 
     def configure_lora_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over :meth:`lora_parameters` with the configured hyperparameters."""
-        cfg = self.config
-        return torch.optim.AdamW(
-            self.lora_parameters(),
-            lr=cfg.learning_rate,
-            betas=cfg.betas,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-        )
+        return particle_optimizer(self.lora_parameters(), self.config)
 
     def _forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: ParticleCondition) -> torch.Tensor:
         batch = x_t.shape[0]
@@ -199,11 +218,10 @@ class LoRAParticleScore:
         """
         cfg = self.config
         repeats = cfg.timestep_samples
-        x0 = latents.detach().float().repeat_interleave(repeats, dim=0)
+        x0, t, noise, x_t = noised_samples(
+            latents, self.alphas_cumprod, self.num_train_timesteps, repeats, generator
+        )
         batch = x0.shape[0]
-        t = randint(0, self.num_train_timesteps, (batch,), x0.device, generator)
-        noise = randn_like(x0, generator)
-        x_t = add_noise(self.alphas_cumprod, x0, noise, t)
         if self.prediction_type == "v_prediction":
             target = velocity(self.alphas_cumprod, x0, noise, t)
         elif self.prediction_type == "epsilon":

@@ -29,9 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recipes.guidance.lora import CAMERA_DIM, ParticleCondition, camera_dropout_mask
-from recipes.guidance.parameterization import add_noise
-from recipes.guidance.randomness import randint, randn_like
+from recipes.guidance.lora import (
+    CAMERA_DIM,
+    ParticleCondition,
+    camera_dropout_mask,
+    noised_samples,
+    particle_optimizer,
+)
 
 
 @dataclass
@@ -116,11 +120,10 @@ class PriorParticleScore:
     ) -> Tensor:
         """Denoising score matching of the renders ``latents`` (detached here), as the LoRA's loss."""
         cfg = self.config
-        x0 = latents.detach().float().repeat_interleave(cfg.timestep_samples, dim=0)
+        x0, t, noise, x_t = noised_samples(
+            latents, self.alphas_cumprod, self.num_train_timesteps, cfg.timestep_samples, generator
+        )
         batch = x0.shape[0]
-        t = randint(0, self.num_train_timesteps, (batch,), x0.device, generator)
-        noise = randn_like(x0, generator)
-        x_t = add_noise(self.alphas_cumprod, x0, noise, t)
         camera = condition.camera
         if camera is not None:
             camera = camera.reshape(-1, CAMERA_DIM).float().repeat_interleave(cfg.timestep_samples, dim=0)
@@ -134,11 +137,4 @@ class PriorParticleScore:
 
     def configure_lora_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the adapter with the configured hyperparameters."""
-        cfg = self.config
-        return torch.optim.AdamW(
-            self.lora_parameters(),
-            lr=cfg.learning_rate,
-            betas=cfg.betas,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-        )
+        return particle_optimizer(self.lora_parameters(), self.config)

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_recipe_cli import SMOKE, final_state, fit, one_thread_fit
 from tiny_models import tiny_sd_folder, tiny_sd_v_folder  # noqa: F401  (module-scoped fixtures)
 
 from recipes.cli import main
 from recipes.guidance.prior_particle import PriorParticleConfig, PriorParticleScore, ReferenceAdapter
 from recipes.system.distillation import DistillationConfig
 
-SMOKE = Path(__file__).parents[2] / "recipes" / "configs" / "smoke"
 PICARD = [
     "--trainer.strategy=lightning_picard.PicardStrategy",
     "--trainer.strategy.threshold=0.0",
@@ -25,27 +25,6 @@ REPLAYED = [
     "--model.distillation.particle.placement=replayed",
     "--model.scene.optimizer.name=adamw",
 ]
-
-
-def fit(recipe: str, run_dir: Path, *overrides: str) -> Path:
-    main(["fit", "-c", str(SMOKE / f"{recipe}.yaml"), "--run_dir", str(run_dir), *overrides])
-    return run_dir
-
-
-def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
-        "state_dict"
-    ]
-
-
-def one_thread_fit(recipe: str, run_dir: Path, *overrides: str) -> Path:
-    """Like each Picard process: CPU kernels may round differently with another thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fit(recipe, run_dir, *overrides)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def assert_equal(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], prefix: str = "") -> None:

@@ -36,16 +36,21 @@ def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     ]
 
 
-@pytest.fixture(scope="module", params=RECIPES)
-def sequential_run(request, tmp_path_factory) -> tuple[str, Path]:
-    """One thread, like each Picard process: CPU kernels may round differently with another thread count."""
-    recipe = request.param
+def one_thread_fit(recipe: str, run_dir: Path, *overrides: str) -> Path:
+    """:func:`fit` on one thread, like each Picard process: CPU kernels may round differently with another thread
+    count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return recipe, fit(recipe, tmp_path_factory.mktemp(recipe) / "sequential")
+        return fit(recipe, run_dir, *overrides)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=RECIPES)
+def sequential_run(request, tmp_path_factory) -> tuple[str, Path]:
+    recipe = request.param
+    return recipe, one_thread_fit(recipe, tmp_path_factory.mktemp(recipe) / "sequential")
 
 
 def test_a_smoke_run_writes_its_run_folder(sequential_run):
