@@ -19,6 +19,7 @@ from lightning_picard.flat import FlatParameters
 from lightning_picard.hooks import local_parameters, picard_parameters
 from lightning_picard.progress import PicardProgressBar, PicardRichProgressBar
 from lightning_picard.rng import current_step_seed, step_generator, step_rng, step_seed
+from lightning_picard.shard import BatchShard, batch_shard
 from lightning_picard.snapshot import OptimizerSnapshot
 from lightning_picard.strategy import PicardStrategy
 from lightning_picard.window import PicardWindow, RoundResult
@@ -26,6 +27,7 @@ from lightning_picard.window import PicardWindow, RoundResult
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BatchShard",
     "FlatParameters",
     "OptimizerSnapshot",
     "PicardProgressBar",
@@ -35,6 +37,7 @@ __all__ = [
     "PicardWindow",
     "RoundResult",
     "StepSeed",
+    "batch_shard",
     "current_step_seed",
     "local_parameters",
     "picard_parameters",

@@ -34,6 +34,7 @@ from lightning_picard.hooks import (
 )
 from lightning_picard.loop import check_trainer_supported, install_picard_loop
 from lightning_picard.round import PicardRound, SlotOwnership
+from lightning_picard.shard import WHOLE_BATCH, BatchShard
 from lightning_picard.snapshot import OptimizerSnapshot
 from lightning_picard.window import PicardWindow, RoundResult
 
@@ -176,6 +177,11 @@ class PicardStrategy(DDPStrategy):
     def ownership(self) -> SlotOwnership:
         """Which rank evaluates which slot of the window (by global rank, over all nodes)."""
         return SlotOwnership(self.world_size, self.global_rank, self.window_size)
+
+    @property
+    def batch_shard(self) -> BatchShard:
+        """The part of each step's batch this rank evaluates (see :func:`lightning_picard.batch_shard`)."""
+        return WHOLE_BATCH
 
     @property
     def window(self) -> PicardWindow | None:
