@@ -12,8 +12,8 @@ of the anchor, and the slot's loss as the bits of a float64 (what every rank han
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -22,8 +22,20 @@ from lightning_picard.flat import FlatParameters
 from lightning_picard.snapshot import OptimizerSnapshot
 from lightning_picard.window import PicardWindow, RoundResult, UpdateFn
 
-Gather = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""All-gathers every rank's ``[slots_per_rank, L]`` rows into the ``[world_size · slots_per_rank, L]`` buffer."""
+
+class RoundCollectives(Protocol):
+    """The collectives of a round (the strategy provides them; none is called with one rank)."""
+
+    def gather_window_rows(self, local: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """All-gather one rank of each slot group's ``[slots_per_rank, L]`` rows into ``out``
+        (``[groups · slots_per_rank, L]``): every rank then holds every slot's row."""
+
+    def reduce_slot_rows(self, local: torch.Tensor) -> None:
+        """Sum ``local`` over this rank's slot group, in place (only called with ``group_size > 1``)."""
+
+    def gather_status_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """All-gather every rank's ``[slots_per_rank, S]`` integer status (only called with ``group_size > 1``)."""
+
 
 _INTEGER_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _LOSS_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -32,39 +44,78 @@ _LOSS_ONLY, _LOSS_AND_MORE = 1, 1 + len(_LOSS_DTYPES)  # kind codes; 0: the slot
 
 @dataclass(frozen=True)
 class SlotOwnership:
-    """Which rank evaluates which window slot: slot ``j`` on rank ``j mod world_size``, in row ``j // world_size``.
+    """Which ranks evaluate which window slot.
+
+    The ranks form ``groups = world_size / group_size`` slot groups of consecutive ranks (rank ``r`` is member
+    ``r mod group_size`` of group ``r // group_size``). Slot ``j`` is evaluated by group ``j mod groups``, in row
+    ``j // groups`` of that group's rows; each member evaluates its part of the slot's batch, and the group
+    averages the slot's gradient. With ``group_size=1`` (the default) every rank is a group: slot ``j`` on rank
+    ``j mod world_size``.
 
     Args:
         world_size: ranks over all nodes.
         rank: this process's global rank.
         window_size: slots per round P.
+        group_size: ranks per slot group G; must divide ``world_size``. Default is ``1``.
     """
 
     world_size: int
     rank: int
     window_size: int
+    group_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1 or self.world_size % self.group_size:
+            raise ValueError(
+                f"slot_group_size={self.group_size} does not divide the {self.world_size} processes: each window slot "
+                "is evaluated by a group of slot_group_size ranks, so the number of processes (devices × num_nodes) "
+                "must be a multiple of it."
+            )
+
+    @property
+    def groups(self) -> int:
+        """Slot groups (the time-parallel width): ``world_size / group_size``."""
+        return self.world_size // self.group_size
+
+    @property
+    def group(self) -> int:
+        """This rank's slot group."""
+        return self.rank // self.group_size
+
+    @property
+    def member(self) -> int:
+        """This rank's place in its slot group (its part of each step's batch)."""
+        return self.rank % self.group_size
 
     @property
     def slots_per_rank(self) -> int:
-        """Rows each rank contributes to the all-gather: ``ceil(window_size / world_size)``."""
-        return -(-self.window_size // self.world_size)
+        """Rows each rank contributes to the gather: ``ceil(window_size / groups)``."""
+        return -(-self.window_size // self.groups)
 
     def owned(self, n: int) -> list[int]:
         """The slots among the first ``n`` that this rank evaluates, last first (slot 0 is evaluated last, so the
         module holds the anchor's evaluation state when the round's hooks run)."""
-        return [j for j in range(n) if j % self.world_size == self.rank][::-1]
+        return [j for j in range(n) if j % self.groups == self.group][::-1]
 
     def local_row(self, slot: int) -> int:
-        """Row of ``slot`` in its rank's rows."""
-        return slot // self.world_size
+        """Row of ``slot`` in its ranks' rows."""
+        return slot // self.groups
 
     def gathered_row(self, slot: int) -> int:
-        """Row of ``slot`` in the gathered ``[world_size · slots_per_rank, …]`` buffer."""
-        return (slot % self.world_size) * self.slots_per_rank + slot // self.world_size
+        """Row of ``slot`` in the gathered ``[groups · slots_per_rank, …]`` rows (one rank of each group)."""
+        return (slot % self.groups) * self.slots_per_rank + slot // self.groups
 
-    def rank_of(self, gathered_row: int) -> int:
-        """The rank that wrote a gathered row."""
-        return gathered_row // self.slots_per_rank
+    def status_rows(self, slot: int) -> list[int]:
+        """Rows of ``slot`` in the ``[world_size · slots_per_rank, …]`` status of every rank: one per member of
+        the group that evaluates it."""
+        first = (slot % self.groups) * self.group_size
+        return [
+            rank * self.slots_per_rank + slot // self.groups for rank in range(first, first + self.group_size)
+        ]
+
+    def rank_of(self, status_row: int) -> int:
+        """The rank that wrote a row of the every-rank status (with ``group_size=1``: of the gathered rows)."""
+        return status_row // self.slots_per_rank
 
 
 @dataclass
@@ -109,17 +160,23 @@ class PicardRound:
     Args:
         window: the window (anchor and guesses) of the module's flat parameters.
         snapshot: the optimizer (and schedulers) state the replay returns to.
-        ownership: which rank evaluates which slot.
-        gather: the all-gather of the rows (not called with one rank).
+        ownership: which ranks evaluate which slot.
+        collectives: the round's collectives (``None`` with one rank).
     """
 
     def __init__(
-        self, window: PicardWindow, snapshot: OptimizerSnapshot, ownership: SlotOwnership, gather: Gather
+        self,
+        window: PicardWindow,
+        snapshot: OptimizerSnapshot,
+        ownership: SlotOwnership,
+        collectives: RoundCollectives | None,
     ) -> None:
+        if ownership.world_size > 1 and collectives is None:
+            raise ValueError("A round over several ranks needs the strategy's collectives.")
         self.window = window
         self.snapshot = snapshot
         self.ownership = ownership
-        self._gather = gather
+        self._collectives = collectives
         self._local: torch.Tensor | None = None
         self._gathered: torch.Tensor | None = None
         flat = window.flat
@@ -155,8 +212,8 @@ class PicardRound:
         if self._local is None or self._local.shape[1] != length:
             ownership = self.ownership
             rows = ownership.slots_per_rank
-            self._gathered = flat.flat.new_zeros((ownership.world_size * rows, length))
-            self._local = self._gathered[ownership.rank * rows : (ownership.rank + 1) * rows]
+            self._gathered = flat.flat.new_zeros((ownership.groups * rows, length))
+            self._local = self._gathered[ownership.group * rows : (ownership.group + 1) * rows]
         status = _integers(self._local[:, : self._status])
         status.zero_()
         columns = self._columns
@@ -206,23 +263,39 @@ class PicardRound:
         self.window.load(0)
 
     def gather(self, tau: int, n: int) -> RoundStatus:
-        """All-gather the rows and read their status (one host copy); raise :class:`PicardReplicaError` on every
-        rank if the ranks' anchors differ."""
-        gathered = self._gather(self._local, self._gathered) if self.ownership.world_size > 1 else self._local
+        """Share the rows and read their status (one host copy); raise :class:`PicardReplicaError` on every rank if
+        the ranks' anchors differ.
+
+        With slot groups the members' rows are first averaged over the group (the slot's gradient is the mean of its
+        parts' gradients, as in data-parallel training), then one member of each group's rows are gathered, and the
+        every-rank status separately (it says which rank failed, stopped or got SIGTERM).
+        """
+        ownership, collectives = self.ownership, self._collectives
+        local = self._local
+        if ownership.group_size > 1:
+            self._average_over_slot_group(local)  # type: ignore[arg-type]
+        gathered = local
+        if ownership.groups > 1:
+            gathered = collectives.gather_window_rows(local, self._gathered)  # type: ignore[union-attr]
         self._gathered = gathered
         header = self._status + self.flat.header
         head = _integers(gathered[:, :header]).tolist()
+        if ownership.group_size > 1:
+            statuses = collectives.gather_status_rows(_integers(local[:, : self._status]).contiguous())  # type: ignore
+            everyone = statuses.tolist()
+        else:
+            everyone = head
         columns = self._columns
         checksum = slice(columns["checksum"], columns["checksum"] + self._checksum)
-        ownership = self.ownership
         per_rank = ownership.slots_per_rank
-        for index in range(0, len(head), per_rank):
-            if head[index][checksum] != head[0][checksum]:
+        for index in range(0, len(everyone), per_rank):
+            if everyone[index][checksum] != everyone[0][checksum]:
                 raise PicardReplicaError(index // per_rank, tau)
         rows = [head[ownership.gathered_row(j)] for j in range(n)]
+        slot_status = [[everyone[index] for index in ownership.status_rows(j)] for j in range(n)]
         failed = [
             (tau + row[columns["failed"]] - 1, ownership.rank_of(index))
-            for index, row in enumerate(head)
+            for index, row in enumerate(everyone)
             if row[columns["failed"]]
         ]
         kind = rows[0][columns["loss_kind"]]
@@ -236,13 +309,29 @@ class PicardRound:
             loss = loss.reshape(())
         return RoundStatus(
             failed=failed,
-            nonfinite=[j for j in range(n) if rows[j][columns["nonfinite"]]],
-            stops=[j for j in range(n) if rows[j][columns["stop"]]],
-            sigterm=any(row[columns["sigterm"]] for row in head),
+            nonfinite=[j for j in range(n) if any(row[columns["nonfinite"]] for row in slot_status[j])],
+            stops=[j for j in range(n) if any(row[columns["stop"]] for row in slot_status[j])],
+            sigterm=any(row[columns["sigterm"]] for row in everyone),
             presence=[[bool(v) for v in row[self._status :]] for row in rows],
             loss=loss,
             loss_only=0 < kind < _LOSS_AND_MORE,
         )
+
+    def _average_over_slot_group(self, local: torch.Tensor) -> None:
+        """Average this group's rows over its members; each member's status columns stay its own, and a slot is
+        non-finite if its average is (a sum of finite parts may overflow)."""
+        status = _integers(local[:, : self._status])
+        own = status.clone()
+        self._collectives.reduce_slot_rows(local)  # type: ignore[union-attr]
+        values = local[:, self._status :]
+        values.div_(self.ownership.group_size)
+        status.copy_(own)
+        gradient = values[:, self.flat.header : self.flat.row_length]
+        if gradient.numel():
+            low, high = torch.aminmax(gradient, dim=1)
+            nonfinite = ~(torch.isfinite(low) & torch.isfinite(high))
+            column = self._columns["nonfinite"]
+            status[:, column] |= nonfinite.to(status.dtype)
 
     def replay(
         self,

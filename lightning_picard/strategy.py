@@ -99,6 +99,12 @@ class PicardStrategy(DDPStrategy):
             Default is ``None``: 0.1 unless ``threshold`` is given.
         max_threshold: upper bound of the adapted threshold, in the units of the rule in use. Default is
             ``None`` (no bound).
+        slot_group_size: ranks per window slot G (data-parallel × time-parallel). Each slot is evaluated by a group
+            of G consecutive ranks; each takes its part of the step's batch (:func:`lightning_picard.batch_shard`)
+            and the group averages the slot's gradient, as DDP averages a step's. G must divide the number of
+            processes; the window then has ``world_size / G`` slots unless ``window_size`` says otherwise.
+            ``1`` is time-parallel only; G equal to the number of processes with ``window_size=1`` is plain
+            data-parallel training. Default is ``1``.
     """
 
     strategy_name = "picard"
@@ -121,7 +127,12 @@ class PicardStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         tolerance: float | None = None,
         max_threshold: float | None = None,
+        slot_group_size: int = 1,
     ) -> None:
+        if isinstance(slot_group_size, bool) or not isinstance(slot_group_size, int) or slot_group_size < 1:
+            raise ValueError(
+                f"slot_group_size must be a positive int (ranks per window slot), got {slot_group_size!r}."
+            )
         error_units, threshold, ema_decay = _convergence_policy(
             threshold, tolerance, ema_decay, max_threshold
         )
@@ -155,7 +166,10 @@ class PicardStrategy(DDPStrategy):
         self.seed = int(seed)
         self.error_units: Literal["step", "absolute"] = error_units  # type: ignore[assignment]
         self.max_threshold = None if max_threshold is None else float(max_threshold)
+        self.slot_group_size = slot_group_size
         self.round: PicardRound | None = None
+        self._slot_group: Any = None
+        self._window_group: Any = None
         self._environment_before_launch: dict[str, str | None] = {}
         self._owns_process_group = False
         self._slot_depth = 0
@@ -165,23 +179,28 @@ class PicardStrategy(DDPStrategy):
 
     @property
     def window_size(self) -> int:
-        """Slots per round: the ``window_size`` argument, or the world size."""
-        return self.window_size_arg if self.window_size_arg is not None else self.world_size
+        """Slots per round: the ``window_size`` argument, or one slot per slot group (the world size by default)."""
+        if self.window_size_arg is not None:
+            return self.window_size_arg
+        return max(1, self.world_size // self.slot_group_size)
 
     @property
     def slots_per_rank(self) -> int:
-        """Gradient rows each rank contributes to the all-gather: ``ceil(window_size / world_size)``."""
+        """Gradient rows each rank contributes to the all-gather: ``ceil(window_size / slot groups)``."""
         return self.ownership.slots_per_rank
 
     @property
     def ownership(self) -> SlotOwnership:
-        """Which rank evaluates which slot of the window (by global rank, over all nodes)."""
-        return SlotOwnership(self.world_size, self.global_rank, self.window_size)
+        """Which ranks evaluate which slot of the window (by global rank, over all nodes)."""
+        return SlotOwnership(self.world_size, self.global_rank, self.window_size, self.slot_group_size)
 
     @property
     def batch_shard(self) -> BatchShard:
-        """The part of each step's batch this rank evaluates (see :func:`lightning_picard.batch_shard`)."""
-        return WHOLE_BATCH
+        """The part of each step's batch this rank evaluates (see :func:`lightning_picard.batch_shard`): its place
+        in its slot group; the whole batch with ``slot_group_size=1``."""
+        if self.slot_group_size == 1:
+            return WHOLE_BATCH
+        return BatchShard(self.global_rank % self.slot_group_size, self.slot_group_size)
 
     @property
     def window(self) -> PicardWindow | None:
@@ -252,12 +271,15 @@ class PicardStrategy(DDPStrategy):
         )
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         snapshot = OptimizerSnapshot(trainer.optimizers[0], schedulers)
-        self.round = PicardRound(window, snapshot, self.ownership, self.gather_rows)
+        ownership = self._slot_groups(outputs)
+        self.round = PicardRound(window, snapshot, ownership, self if self.world_size > 1 else None)
         install_picard_loop(trainer)
         log.info(
-            "Picard: %d slots over %d rank(s), %d parameters, threshold %.3g (%s, %s), ema_decay %.3g, init=%s",
+            "Picard: %d slots over %d rank(s) in groups of %d, %d parameters, threshold %.3g (%s, %s), ema_decay %.3g, "
+            "init=%s",
             self.window_size,
             self.world_size,
+            self.slot_group_size,
             flat.numel,
             self.threshold,
             "squared steps" if self.error_units == "step" else "‖Δθ‖²/D",
@@ -265,6 +287,37 @@ class PicardStrategy(DDPStrategy):
             self.ema_decay,
             self.init,
         )
+
+    def _slot_groups(self, step_outputs: list[str]) -> SlotOwnership:
+        """The slot ownership; with ``slot_group_size > 1``, also the process groups of the round: each slot group
+        (its members average a slot's gradient) and each window group (one member of every slot group, which
+        gather the window's rows)."""
+        try:
+            ownership = self.ownership
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from None
+        if self.slot_group_size == 1:
+            return ownership
+        if step_outputs:
+            raise MisconfigurationException(
+                f"picard_step_outputs ({step_outputs}) are not supported with slot_group_size > 1: a step's outputs "
+                "would be each rank's part of its batch, and Picard has no rule to combine them. Use "
+                "slot_group_size=1, or compute those values in picard_after_optimizer_step."
+            )
+        size, groups = ownership.group_size, ownership.groups
+        self._slot_group, _ = dist.new_subgroups_by_enumeration(
+            [list(range(g * size, (g + 1) * size)) for g in range(groups)]
+        )
+        self._window_group, _ = dist.new_subgroups_by_enumeration(
+            [[m + g * size for g in range(groups)] for m in range(size)]
+        )
+        return ownership
+
+    def _release_slot_groups(self) -> None:
+        for group in (self._slot_group, self._window_group):
+            if group is not None and dist.is_initialized():
+                dist.destroy_process_group(group)
+        self._slot_group = self._window_group = None
 
     def _check_optimization(self, trainer: pl.Trainer) -> None:
         if len(trainer.optimizers) != 1:
@@ -427,8 +480,30 @@ class PicardStrategy(DDPStrategy):
         gather(out, local)
         return out
 
+    def gather_window_rows(self, local: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The round's gather (:class:`~lightning_picard.round.RoundCollectives`): every slot's rows, from one member
+        of each slot group (all ranks with ``slot_group_size=1``)."""
+        if self._window_group is None:
+            return self.gather_rows(local, out)
+        dist.all_gather_into_tensor(out, local, group=self._window_group)
+        return out
+
+    def reduce_slot_rows(self, local: torch.Tensor) -> None:
+        """Sum ``local`` over this rank's slot group, in place."""
+        dist.all_reduce(local, group=self._slot_group)
+
+    def gather_status_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's status rows, in rank order."""
+        return self.gather_rows(local)
+
     @override
     def _configure_launcher(self) -> None:
+        processes = self.num_processes * self.num_nodes
+        if processes % self.slot_group_size:
+            raise MisconfigurationException(
+                f"slot_group_size={self.slot_group_size} does not divide the {processes} processes: each window slot "
+                "is evaluated by a group of slot_group_size ranks, so devices × num_nodes must be a multiple of it."
+            )
         self._environment_before_launch = {key: os.environ.get(key) for key in _LAUNCH_ENVIRONMENT}
         if self.num_processes == 1 and self.num_nodes == 1:
             # One rank needs no launcher: it runs in this process (forking after multi-threaded work can deadlock in
@@ -459,6 +534,7 @@ class PicardStrategy(DDPStrategy):
     def teardown(self) -> None:
         self._requeue_handler, self._requeue_pending = None, None
         self.round = None
+        self._release_slot_groups()
         super().teardown()
         if self.world_size == 1 and self._owns_process_group and dist.is_initialized():
             # A single in-process rank: leave no process group or launcher variables behind; a later fork-based

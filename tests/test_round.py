@@ -14,7 +14,7 @@ def _round(dtype: torch.dtype, window_size: int = 3, world_size: int = 1, rank: 
     optimizer = torch.optim.SGD(params, lr=0.1)
     window = PicardWindow(FlatParameters(params), window_size, 0.0, 1.0)
     ownership = SlotOwnership(world_size, rank, window_size)
-    return params, optimizer, PicardRound(window, OptimizerSnapshot(optimizer), ownership, gather=None)
+    return params, optimizer, PicardRound(window, OptimizerSnapshot(optimizer), ownership, collectives=None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
