@@ -17,7 +17,7 @@ from lightning.fabric.strategies.registry import _StrategyRegistry as StrategyRe
 from lightning.fabric.utilities.types import _Stateful as Stateful
 from lightning.pytorch.loops.fetchers import _DataFetcher as DataFetcher
 from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher as DataLoaderIterDataFetcher
-from lightning.pytorch.loops.optimization.automatic import ClosureResult
+from lightning.pytorch.loops.optimization.automatic import Closure, ClosureResult
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop as TrainingEpochLoop
 from lightning.pytorch.trainer.call import _call_callback_hooks as call_callback_hooks
 from lightning.pytorch.trainer.call import _call_lightning_module_hook as call_lightning_module_hook
@@ -34,6 +34,8 @@ PRIVATE_API: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.loops.fetchers", "_DataFetcher"),
     ("lightning.pytorch.loops.fetchers", "_DataLoaderIterDataFetcher"),
     ("lightning.pytorch.loops.optimization.automatic", "ClosureResult"),
+    ("lightning.pytorch.loops.optimization.automatic", "Closure"),
+    ("lightning.pytorch.loops.optimization.automatic.Closure", "warning_cache"),
     ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop"),
     ("lightning.pytorch.trainer.call", "_call_callback_hooks"),
     ("lightning.pytorch.trainer.call", "_call_lightning_module_hook"),
@@ -149,6 +151,14 @@ def update_metric(results: Any, key: str, value: Any, batch_size: int, keep_step
     metric._forward_cache = cache
 
 
+def warn_training_step_returned_none() -> None:
+    """Lightning's warning for a ``training_step`` that returned ``None``, from Lightning's own once-only cache (so
+    clearing that cache, as Lightning's tests do, makes it warn again)."""
+    Closure.warning_cache.warn(
+        "`training_step` returned `None`. If this was on purpose, ignore this warning..."
+    )
+
+
 __all__ = [
     "PRIVATE_API",
     "ClosureResult",
@@ -171,4 +181,5 @@ __all__ = [
     "train_dataloaders",
     "training_results",
     "update_metric",
+    "warn_training_step_returned_none",
 ]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
@@ -332,9 +332,7 @@ class PicardEpochLoop(TrainingEpochLoop):
                     if result.closure_loss is not None:
                         call_strategy_hook(trainer, "backward", result.closure_loss, optimizer)
                     else:
-                        _warnings.warn(
-                            "`training_step` returned `None`. If this was on purpose, ignore this warning..."
-                        )
+                        compat.warn_training_step_returned_none()
                     picard_round.window.check_step_outputs(j, step)
             except Exception as error:
                 # Go on with the earlier slots (evaluated last first): the steps before a failure are still
@@ -571,7 +569,6 @@ class PicardEpochLoop(TrainingEpochLoop):
             rank_zero_info(f"Picard resume: {window.load_state_dict(state_dict['picard'])}.")
 
 
-_warnings = WarningCache()  # Lightning's own warnings, once each
 _ON_BAR = {"picard/steps_per_round"}
 
 

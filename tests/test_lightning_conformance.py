@@ -259,6 +259,16 @@ def test_a_training_step_returning_none_is_a_step_with_no_update(devices):
         assert trainer.global_step == 12
 
 
+def test_a_training_step_returning_none_warns_through_lightnings_own_cache():
+    """Lightning warns once per process; clearing its cache (as its tests do) makes the next fit warn again."""
+    from lightning.pytorch.loops.optimization.automatic import Closure
+
+    for _ in range(2):
+        Closure.warning_cache.clear()
+        with pytest.warns(UserWarning, match="training_step` returned `None"):
+            _fit(SkipsSomeSteps(), devices=1, window_size=3)
+
+
 class RequiresOutputs(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not isinstance(outputs, dict) or not torch.is_tensor(outputs.get("loss")):
