@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recipes.data.cameras import Cameras, look_at, orbit_cameras, spherical_to_cartesian
 
@@ -217,6 +218,51 @@ def step_indexed_loader(dataset: Dataset[Cameras]) -> DataLoader:
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0, collate_fn=_identity)
 
 
+class _ResumableSteps(Sampler[int]):
+    """The indices ``0 … n − 1``, the first pass from ``start``; a new pass starts at 0."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.start = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, 0
+        return iter(range(start, self.n))
+
+
+class ResumableStepLoader(DataLoader):
+    """The training loader of step-indexed batches, resumable: its state is the next step to run, so a fit resumed
+    from a checkpoint goes on with that step's batch (Lightning would restart a plain loader at batch 0, and a
+    sequential run resumed mid-run would then repeat the first steps' cameras).
+
+    Args:
+        dataset: item ``s`` is the whole batch of step ``s``.
+        next_step: the step the next batch is for (``trainer.global_step``; at a checkpoint, under Picard too, the
+            steps taken so far). Default is ``None``: step 0.
+    """
+
+    def __init__(self, dataset: Dataset[Cameras], next_step: Callable[[], int] | None = None) -> None:
+        self._next_step = next_step
+        super().__init__(
+            dataset,
+            batch_size=None,
+            sampler=_ResumableSteps(len(dataset)),  # type: ignore[arg-type]
+            num_workers=0,
+            collate_fn=_identity,
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"next_step": …}``: what Lightning saves in a checkpoint for this loader."""
+        return {"next_step": int(self._next_step()) if self._next_step is not None else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Start the next pass at the checkpoint's step (within the epoch of ``len(dataset)`` steps)."""
+        self.sampler.start = int(state["next_step"]) % len(self.dataset)  # type: ignore[attr-defined, arg-type]
+
+
 def _identity(batch: Cameras) -> Cameras:
     return batch
 
@@ -258,7 +304,13 @@ class RandomCameraDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return step_indexed_loader(RandomCameraDataset(self.config, self.seed, self.num_steps))
+        return ResumableStepLoader(
+            RandomCameraDataset(self.config, self.seed, self.num_steps), self.next_step
+        )
+
+    def next_step(self) -> int:
+        """The step the next training batch is for: the trainer's ``global_step`` (0 without a trainer)."""
+        return self.trainer.global_step if self.trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader:
         return step_indexed_loader(TurntableDataset(self._turntable(self.n_val_views)))

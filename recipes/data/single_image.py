@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from recipes.data.cameras import Cameras, cameras_from_spherical, orbit_cameras
 from recipes.data.random_cameras import (
     RandomCameraConfig,
+    ResumableStepLoader,
     TurntableDataset,
     sample_random_cameras,
     step_generator,
@@ -339,7 +340,11 @@ class SingleImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return step_indexed_loader(self.train_dataset())
+        return ResumableStepLoader(self.train_dataset(), self.next_step)
+
+    def next_step(self) -> int:
+        """The step the next training batch is for: the trainer's ``global_step`` (0 without a trainer)."""
+        return self.trainer.global_step if self.trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader:
         return step_indexed_loader(TurntableDataset(self._turntable(self.n_val_views)))

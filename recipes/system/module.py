@@ -93,6 +93,7 @@ class TextTo3D(pl.LightningModule):
         )
         self._pending_particle_state: dict[str, Tensor] = {}
         self._particle_optimizer: torch.optim.Optimizer | None = None
+        self._pending_particle_optimizer: dict[str, Any] | None = None
         self.regularizers = regularizers if regularizers is not None else RegularizerWeights()
         self.seed = seed
         self.mesh_resolution = mesh_resolution
@@ -187,6 +188,9 @@ class TextTo3D(pl.LightningModule):
         distiller = self.distiller  # load before the first step, not inside a timed slot
         if self._particle_placement() == "rank_local":
             self._particle_optimizer = distiller.particle_optimizer()
+            if self._pending_particle_optimizer is not None:
+                self._particle_optimizer.load_state_dict(self._pending_particle_optimizer)
+                self._pending_particle_optimizer = None
 
     def _particle_placement(self) -> str | None:
         if self.distillation_config.method != "vsd":
@@ -329,9 +333,14 @@ class TextTo3D(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
+        self._pending_particle_optimizer = checkpoint.get("particle_optimizer")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["recipe"] = {"name": self.recipe, "scene": type(self.scene).__name__}
+        if self._particle_optimizer is not None:
+            # The rank-local particle's optimizer is the module's own (Lightning checkpoints only its optimizers);
+            # under Picard this is rank 0's, as the particle's weights in the state dict are.
+            checkpoint["particle_optimizer"] = self._particle_optimizer.state_dict()
 
     def check_checkpoint(self, checkpoint: dict[str, Any], path: str | Path) -> None:
         """Raise ``ValueError`` if ``checkpoint`` was written by another recipe or representation."""

@@ -212,3 +212,17 @@ def test_single_image_datamodule_pairs_reference_view_with_step_cameras(tmp_path
     assert first.to("cpu").rgb.shape == first.rgb.shape
     test = list(module.test_dataloader())
     assert len(test) == 120 and torch.allclose(test[0].positions, first.reference.positions)
+
+
+def test_the_training_loader_resumes_at_the_checkpoints_step():
+    from recipes.data.random_cameras import RandomCameraConfig, RandomCameraDataset, ResumableStepLoader
+
+    dataset = RandomCameraDataset(RandomCameraConfig(batch_size=2), seed=3, num_steps=6)
+    steps_taken = [4]
+    loader = ResumableStepLoader(dataset, next_step=lambda: steps_taken[0])
+    assert loader.state_dict() == {"next_step": 4}
+    loader.load_state_dict({"next_step": 4})
+    resumed = list(loader)
+    assert len(resumed) == 2 and torch.equal(resumed[0].c2w, dataset[4].c2w)
+    assert len(list(loader)) == 6, "the next epoch starts at step 0"
+    assert ResumableStepLoader(dataset).state_dict() == {"next_step": 0}

@@ -259,3 +259,15 @@ def test_the_cpu_size_prolificdreamer_chain_parses_and_its_stages_hand_over():
     )
     texture.init_from(geometry)  # raises if the grids differ
     assert torch.equal(texture.geometry.sdf, geometry.geometry.sdf)
+
+
+def test_a_resumed_vsd_run_continues_its_rank_local_particle_exactly(runs, tmp_path):
+    """The particle's own optimizer (rank-local: stepped by the module, not by Lightning) is in the checkpoint: a
+    run stopped at step 2 and resumed to step 4 ends where the uninterrupted run does."""
+    run_dir = one_thread_fit("prolificdreamer-coarse", tmp_path / "vsd", "--trainer.max_steps=2")
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2 and checkpoint["particle_optimizer"]["state"]
+    one_thread_fit(
+        "prolificdreamer-coarse", run_dir, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")
+    )
+    assert_equal(final_state(run_dir), final_state(runs["vsd"]))
