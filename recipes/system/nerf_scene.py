@@ -43,12 +43,15 @@ class NeRFOptimizer(AdamSettings):
     """Adam(W) over the field and the background (threestudio's DreamFusion: Adam 0.01, background 0.001).
 
     Attributes:
-        lr: learning rate of the field (hash grid and MLPs). Default is 0.01.
+        lr: learning rate of the field (hash grid and MLPs; only the hash grid with ``network_lr``). Default is 0.01.
         background_lr: learning rate of a learned background. Default is 0.001.
+        network_lr: learning rate of the field's density and feature MLPs, apart from its hash grid (threestudio's
+            ProlificDreamer: encoding 0.01, networks 0.001). Default is ``None``: the MLPs use ``lr``.
     """
 
     lr: float = 0.01
     background_lr: float = 0.001
+    network_lr: float | None = None
 
 
 class NeRFScene(Scene):
@@ -117,10 +120,21 @@ class NeRFScene(Scene):
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
         cfg = self.optimizer_config
-        groups = {
-            "geometry": (self.renderer.geometry.parameters(), cfg.lr),
-            "background": (self.renderer.background.parameters(), cfg.background_lr),
-        }
+        geometry = self.renderer.geometry
+        groups: dict[str, tuple[Any, float]] = {"geometry": (geometry.parameters(), cfg.lr)}
+        if cfg.network_lr is not None:
+            networks = [getattr(geometry, name, None) for name in ("density_network", "feature_network")]
+            if not all(isinstance(network, nn.Module) for network in networks):
+                raise ValueError(
+                    f"optimizer.network_lr needs a field with density_network and feature_network MLPs; "
+                    f"{type(geometry).__name__} has none. Remove network_lr (its MLPs then use lr)."
+                )
+            in_networks = {id(p) for network in networks for p in network.parameters()}
+            groups = {
+                "geometry": ([p for p in geometry.parameters() if id(p) not in in_networks], cfg.lr),
+                "networks": ([p for network in networks for p in network.parameters()], cfg.network_lr),
+            }
+        groups["background"] = (self.renderer.background.parameters(), cfg.background_lr)
         return cfg.build(groups), None
 
     def picard_buffers(self, prefix: str) -> dict[str, bool]:

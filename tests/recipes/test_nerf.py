@@ -288,3 +288,23 @@ def test_tcnn_hash_grid_fits_like_the_torch_reference():
         errors[backend] = loss.item()
     assert errors["torch"] < 1e-3 and errors["tcnn"] < 1e-3
     assert errors["tcnn"] < 3 * errors["torch"] + 1e-4
+
+
+def test_the_nerf_scene_gives_its_mlps_their_own_learning_rate():
+    from recipes.geometry.mlp import MLPConfig
+    from recipes.system.nerf_scene import NeRFOptimizer, NeRFScene
+
+    field = ImplicitVolumeConfig(
+        encoding=HashGridConfig(n_levels=2, log2_hashmap_size=8, base_resolution=4), mlp=MLPConfig(n_neurons=8)
+    )
+    plain, _ = NeRFScene(field=field).configure_optimizers()
+    assert [(g["name"], g["lr"]) for g in plain.param_groups][0] == ("geometry", 0.01)
+    scene = NeRFScene(field=field, optimizer=NeRFOptimizer(network_lr=0.001, name="adamw"))
+    optimizer, _ = scene.configure_optimizers()
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs["geometry"] == 0.01 and lrs["networks"] == 0.001
+    grid = {id(p) for p in scene.renderer.geometry.encoding.parameters()}
+    geometry_group = next(g for g in optimizer.param_groups if g["name"] == "geometry")
+    assert {id(p) for p in geometry_group["params"]} == grid
+    everything = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert everything == {id(p) for p in scene.parameters() if p.requires_grad}
