@@ -295,10 +295,11 @@ def test_the_nerf_scene_gives_its_mlps_their_own_learning_rate():
     from recipes.system.nerf_scene import NeRFOptimizer, NeRFScene
 
     field = ImplicitVolumeConfig(
-        encoding=HashGridConfig(n_levels=2, log2_hashmap_size=8, base_resolution=4), mlp=MLPConfig(n_neurons=8)
+        encoding=HashGridConfig(n_levels=2, log2_hashmap_size=8, base_resolution=4),
+        mlp=MLPConfig(n_neurons=8),
     )
     plain, _ = NeRFScene(field=field).configure_optimizers()
-    assert [(g["name"], g["lr"]) for g in plain.param_groups][0] == ("geometry", 0.01)
+    assert [(g["name"], g["lr"]) for g in plain.param_groups] == [("geometry", 0.01), ("background", 0.001)]
     scene = NeRFScene(field=field, optimizer=NeRFOptimizer(network_lr=0.001, name="adamw"))
     optimizer, _ = scene.configure_optimizers()
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
