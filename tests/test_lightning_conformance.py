@@ -470,3 +470,42 @@ def test_the_picard_loop_is_the_loop_lightning_built():
     trainer.fit(ToyRegression(), regression_data())
     assert trainer.fit_loop.epoch_loop is loop and type(loop).__name__ == "PicardEpochLoop"
     assert calls, "the method patched before fit was called"
+
+
+class LogsEveryStepAndAtTrainStart(ToyRegression):
+    def on_train_start(self):
+        self.log("foo", 123.0)
+
+
+class RowRecorder(pl.loggers.Logger):
+    name, version = "rows", 0
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, sorted(k for k in metrics if not k.startswith("picard/"))))
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+
+def test_logger_rows_are_lightnings_rows_plus_the_picard_keys():
+    """A value logged in on_train_start gets a row of its own at step 0 beside the step's row, as in Lightning."""
+    rows = {}
+    for devices in (0, 1):
+        logger = RowRecorder()
+        _fit(
+            LogsEveryStepAndAtTrainStart(),
+            devices=devices,
+            window_size=2,
+            logger=logger,
+            log_every_n_steps=1,
+            max_steps=3,
+            limit_train_batches=1,
+            max_epochs=3,
+        )
+        rows[devices] = logger.rows
+    assert rows[1] == rows[0]
+    assert (0, ["epoch", "foo"]) in rows[0] and (0, ["epoch", "train_loss"]) in rows[0]
