@@ -74,6 +74,14 @@ def test_bad_configs_and_inputs_are_refused_with_what_to_do() -> None:
         generator.condition(torch.randn(33))
     with pytest.raises(ValueError, match="explicit generator"):
         _generator(voxel_noise="random").condition(torch.randn(32))
+    with pytest.raises(ValueError, match="unknown voxel_noise"):
+        Conv3DGeneratorConfig.tiny(voxel_noise="fresh")
+
+
+def test_without_voxel_noise_there_are_no_noise_parameters() -> None:
+    quiet = _generator(voxel_noise="none")
+    assert not any("noise" in name for name, _ in quiet.named_parameters())
+    assert torch.isfinite(quiet.condition(torch.randn(32)).sdf(_points(16))).all()
 
 
 def test_the_field_depends_on_the_embedding_and_on_the_noise() -> None:
@@ -134,6 +142,8 @@ def test_demodulation_keeps_unit_variance_whatever_the_style() -> None:
 
 def test_the_field_renders_through_neus() -> None:
     generator = _generator()
+    synthesis_calls: list[int] = []
+    generator.conv.register_forward_hook(lambda *_: synthesis_calls.append(1))
     field = generator.condition(*_inputs(generator, 0))
     config = NeuSRendererConfig(num_samples_per_ray=48, occupancy=OccupancyGridConfig(enabled=False))
     background = SolidColorBackground(SolidColorConfig((1.0, 1.0, 1.0)))
@@ -147,6 +157,7 @@ def test_the_field_renders_through_neus() -> None:
     out["comp_rgb"].mean().backward()
     assert generator.mapping.embed.weight.grad.abs().sum() > 0
     assert list(renderer.geometry.parameters()) == []
+    assert len(synthesis_calls) == 1  # the grid is synthesised once, every query samples it
 
 
 def test_the_field_meshes_by_marching_cubes() -> None:
