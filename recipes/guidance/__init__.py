@@ -1,7 +1,7 @@
 """Score-distillation guidance: the gradients every recipe distills.
 
 Losses (:class:`ScoreDistillationSampling`, :class:`AsynchronousScoreDistillation`,
-:class:`VariationalScoreDistillation`) take any :class:`Denoiser`: Stable Diffusion, DeepFloyd IF,
+:class:`ClassifierScoreDistillation`, :class:`VariationalScoreDistillation`) take any :class:`Denoiser`: Stable Diffusion, DeepFloyd IF,
 Zero-1-to-3 or the weight-free closed-form prior (``recipes.guidance.closed_form``). CFG follows
 diffusers' convention ε_u + s·(ε_c − ε_u) everywhere (see :mod:`recipes.guidance.cfg`).
 
@@ -17,6 +17,7 @@ from recipes.guidance.cfg import (
     perpendicular_component,
     predict_guided_noise,
 )
+from recipes.guidance.csd import ClassifierScoreDistillation, CSDConfig
 from recipes.guidance.deepfloyd_if import DeepFloydIFConfig, DeepFloydIFDenoiser
 from recipes.guidance.denoiser import Denoiser
 from recipes.guidance.distillation import DistillationOutput
@@ -39,6 +40,8 @@ from recipes.guidance.zero123 import Zero123Condition, Zero123Config, Zero123Den
 __all__ = [
     "ASDConfig",
     "AsynchronousScoreDistillation",
+    "CSDConfig",
+    "ClassifierScoreDistillation",
     "DeepFloydIFConfig",
     "DeepFloydIFDenoiser",
     "Denoiser",

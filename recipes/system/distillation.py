@@ -1,7 +1,8 @@
-"""Which score distillation a recipe runs, chosen in the config: SDS, ScaleDreamer's ASD or ProlificDreamer's VSD.
+"""Which score distillation a recipe runs, chosen in the config: SDS, ScaleDreamer's ASD, classifier score
+distillation (CSD) or ProlificDreamer's VSD.
 
-``model.distillation.method`` picks the loss; each method's settings sit beside it (``asd:``, ``vsd:`` and
-``particle:``; SDS keeps its settings in ``model.sds`` so existing configs run unchanged). :class:`Distiller` is the
+``model.distillation.method`` picks the loss; each method's settings sit beside it (``asd:``, ``csd:``,
+``vsd:`` and ``particle:``; SDS keeps its settings in ``model.sds`` so existing configs run unchanged). :class:`Distiller` is the
 one object :meth:`recipes.system.TextTo3D.training_step` calls: renders in the denoiser's space and the cameras
 in, the distilled loss out, with every random draw from the step's generators.
 
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from recipes.data.cameras import Cameras
 from recipes.guidance.asd import ASDConfig, AsynchronousScoreDistillation
+from recipes.guidance.csd import ClassifierScoreDistillation, CSDConfig
 from recipes.guidance.distillation import DistillationOutput
 from recipes.guidance.lora import LoRAParticleConfig, LoRAParticleScore, ParticleCondition
 from recipes.guidance.prior_particle import PriorParticleConfig, PriorParticleScore, ReferenceAdapter
@@ -36,7 +38,7 @@ from recipes.guidance.sds import ScoreDistillationSampling, SDSConfig
 from recipes.guidance.vsd import VariationalScoreDistillation, VSDConfig
 from recipes.system.guidance import Guidance, GuidanceConfig
 
-DistillationMethod = Literal["sds", "asd", "vsd"]
+DistillationMethod = Literal["sds", "asd", "csd", "vsd"]
 ParticlePlacement = Literal["rank_local", "replayed"]
 ParticleScore = LoRAParticleScore | PriorParticleScore
 
@@ -75,9 +77,10 @@ class DistillationConfig:
     """The score distillation of a recipe.
 
     Attributes:
-        method: ``"sds"`` (settings in ``model.sds``), ``"asd"`` or ``"vsd"``. Default is ``"sds"``.
+        method: ``"sds"`` (settings in ``model.sds``), ``"asd"``, ``"csd"`` or ``"vsd"``. Default is ``"sds"``.
         asd: Asynchronous Score Distillation settings (ScaleDreamer: CFG 7.5, η = 0.1 random shift). Default is
             ScaleDreamer's.
+        csd: Classifier Score Distillation settings (ω·w(t)·(ε_c − ε_u)). Default is ω = 7.5, w(t) = 1 − ᾱ_t.
         vsd: Variational Score Distillation settings (ProlificDreamer: CFG 7.5, camera CFG 1). Default is
             ProlificDreamer's.
         particle: VSD's particle score. Default is ProlificDreamer's LoRA, rank-local.
@@ -85,12 +88,13 @@ class DistillationConfig:
 
     method: DistillationMethod = "sds"
     asd: ASDConfig = field(default_factory=ASDConfig)
+    csd: CSDConfig = field(default_factory=CSDConfig)
     vsd: VSDConfig = field(default_factory=VSDConfig)
     particle: ParticleConfig = field(default_factory=ParticleConfig)
 
     def __post_init__(self) -> None:
-        if self.method not in ("sds", "asd", "vsd"):
-            raise ValueError(f"unknown distillation method {self.method!r}; use 'sds', 'asd' or 'vsd'")
+        if self.method not in ("sds", "asd", "csd", "vsd"):
+            raise ValueError(f"unknown distillation method {self.method!r}; use 'sds', 'asd', 'csd' or 'vsd'")
 
     def check_guidance(self, guidance: GuidanceConfig) -> None:
         """Raise ``ValueError`` if the method cannot run on ``guidance``'s model."""
@@ -149,6 +153,8 @@ class Distiller:
             self.loss: Any = ScoreDistillationSampling(guidance.denoiser, sds)
         elif config.method == "asd":
             self.loss = AsynchronousScoreDistillation(guidance.denoiser, config.asd)
+        elif config.method == "csd":
+            self.loss = ClassifierScoreDistillation(guidance.denoiser, config.csd)
         else:
             if particle is None:
                 raise ValueError("VSD needs its particle score; build the Distiller with Distiller.build")
@@ -205,7 +211,7 @@ class Distiller:
     def particle_loss(
         self, x: Tensor, cameras: Cameras, global_step: int, generator: torch.Generator
     ) -> Tensor | None:
-        """VSD's particle loss on the detached renders, weighted; None for SDS and ASD."""
+        """VSD's particle loss on the detached renders, weighted; None for SDS, ASD and CSD."""
         if self.particle is None:
             return None
         weight = scalar_at(self.config.particle.weight, global_step)

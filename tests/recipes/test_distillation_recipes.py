@@ -142,7 +142,7 @@ def test_vsd_on_deepfloyd_if_is_refused():
     with pytest.raises(ValueError, match="VSD needs"):
         DistillationConfig(method="vsd").check_guidance(GuidanceConfig(model="deepfloyd-if"))
     with pytest.raises(ValueError, match="unknown distillation method"):
-        DistillationConfig(method="csd")
+        DistillationConfig(method="dds")
 
 
 def test_the_prior_particle_starts_as_the_prior_and_learns_the_renders():
