@@ -253,6 +253,17 @@ def test_binding_restores_the_parameters_in_order():
     assert [(name, p) for name, p in module.named_parameters()] == before
     torch.testing.assert_close(buffers["stat"], torch.ones(3))
     assert torch.equal(module.stat, torch.zeros(3))
-    with pytest.raises(ValueError, match="no parameter .net.0.missing."):
-        with lp.slots.bind(module, {"net.0.missing": leaf}, {}):
-            pass
+    with (
+        pytest.raises(ValueError, match=r"no parameter 'net\.0\.missing'"),
+        lp.slots.bind(module, {"net.0.missing": leaf}, {}),
+    ):
+        pass
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_with_two_slots_each_match_one_by_one(sequential):
+    module = BatchedToy()
+    strategy = lp.PicardStrategy(window_size=4, threshold=0.0, start_method="fork")
+    trainer = pl.Trainer(devices=2, max_steps=STEPS, strategy=strategy, **quiet_trainer_kwargs())
+    trainer.fit(module, regression_data())
+    torch.testing.assert_close(state(module), state(sequential[0]), rtol=1e-5, atol=1e-6)
