@@ -384,7 +384,8 @@ class PicardEpochLoop(TrainingEpochLoop):
         self, slots: list[int], tau: int, first_batch_idx: int, outputs: dict[int, Any]
     ) -> BaseException | None:
         """Evaluate this rank's ``slots`` with the module's ``picard_training_step_slots`` and one backward, and
-        record each slot in the round; returns the exception if anything raised (nothing is recorded then).
+        record each slot in the round once all succeeded; returns the exception if anything raised (nothing is recorded
+        then).
 
         Per slot, as in its one-by-one evaluation: ``on_before_zero_grad``, ``optimizer_zero_grad`` and
         ``on_before_backward`` (with the slot's loss) before the backward, and ``on_after_backward`` after it with
@@ -482,19 +483,17 @@ class PicardEpochLoop(TrainingEpochLoop):
                 losses = [result.closure_loss for result in closures if result.closure_loss is not None]
                 if losses:
                     # The slots' losses are independent: the gradient of their sum is each slot's own gradient.
-                    total = (
-                        losses[0]
-                        if len(losses) == 1
-                        else torch.stack([loss.reshape(()) for loss in losses]).sum()
-                    )
+                    total = sum(losses[1:], losses[0])
                     trainer.precision_plugin.backward(total, module, optimizer)
                 del losses
+                outputs_names = window.buffers.outputs if window.buffers is not None else []
+                evaluated: list[tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]] = []
                 for slot, result in zip(batch, closures):
                     picard_round.load(slot.index)
                     for parameter, gradient in zip(flat.params, slot.gradients()):
                         parameter.grad = gradient
-                    if window.buffers is not None and window.buffers.outputs:
-                        window.buffers.load({name: slot.buffers[name] for name in window.buffers.outputs})
+                    if outputs_names:
+                        window.buffers.load({name: slot.buffers[name] for name in outputs_names})  # type: ignore[union-attr]
                     if result.closure_loss is not None:
                         with slot.step_context():
                             call_callback_hooks(trainer, "on_after_backward")
@@ -504,14 +503,25 @@ class PicardEpochLoop(TrainingEpochLoop):
                             "`training_step` returned `None`. If this was on purpose, ignore this warning..."
                         )
                     window.check_step_outputs(slot.index, slot.step)
-                    loss = result.loss if result.closure_loss is not None else None
-                    picard_round.record_slot(slot.index, stop=slot.stop, loss=loss, more=bool(result.extra))
-                    outputs[slot.index] = result.asdict() if result.closure_loss is not None else {}
+                    live = window.buffers.live() if outputs_names else {}  # type: ignore[union-attr]
+                    evaluated.append(
+                        ([p.grad for p in flat.params], {name: live[name].clone() for name in outputs_names})
+                    )
         except Exception as error:
             trainer.should_stop = stop_before
             self._evaluating_step = None
             outputs.clear()
             return error
+        # Every slot evaluated: only now are the rows written (a failure above leaves them for the one-by-one pass).
+        for slot, result, (gradients, step_outputs) in zip(batch, closures, evaluated):
+            picard_round.load(slot.index)
+            for parameter, gradient in zip(flat.params, gradients):
+                parameter.grad = gradient
+            if outputs_names:
+                window.buffers.load(step_outputs)  # type: ignore[union-attr]
+            loss = result.loss if result.closure_loss is not None else None
+            picard_round.record_slot(slot.index, stop=slot.stop, loss=loss, more=bool(result.extra))
+            outputs[slot.index] = result.asdict() if result.closure_loss is not None else {}
         return None
 
     def _batched_hook_failed(self, error: BaseException, slots: list[int], tau: int) -> BaseException:

@@ -42,6 +42,7 @@ class BatchedToy(pl.LightningModule):
         self.batch_critic = batch_critic
         self.fail_at = fail_at
         self.stop_at = stop_at
+        self.fail_after_backward_at: int | None = None
         self.after_backward: list[tuple[int, float]] = []
         self.before_backward: list[tuple[int, float]] = []
         if not batched:
@@ -103,6 +104,8 @@ class BatchedToy(pl.LightningModule):
         self.before_backward.append((self.global_step, float(loss.detach())))
 
     def on_after_backward(self):
+        if self.global_step == self.fail_after_backward_at:
+            raise RuntimeError(f"on_after_backward fails at step {self.global_step}")
         norm = torch.cat([p.grad.reshape(-1) for p in self.net.parameters()]).norm()
         self.after_backward.append((self.global_step, float(norm)))
 
@@ -183,13 +186,20 @@ def test_should_stop_in_a_slot_stops_at_that_step_as_one_by_one():
     assert trainer.global_step == reference.global_step == 6
 
 
-def test_a_failing_step_fails_as_without_the_hook():
-    """The batched call raises, the round is evaluated again one by one: the same error at the same step, and the
-    steps before it accepted."""
-    with pytest.raises(ValueError, match="step 5 fails"):
-        fit(reference := BatchedToy(batched=False, fail_at=5))
-    with pytest.raises(ValueError, match="step 5 fails"):
-        fit(module := BatchedToy(fail_at=5))
+@pytest.mark.parametrize("where", ["training_step", "on_after_backward"])
+def test_a_failing_step_fails_as_without_the_hook(where):
+    """The batch raises, the round is evaluated again one by one: the same error at the same step, and the steps
+    before it accepted."""
+
+    def failing(batched: bool) -> BatchedToy:
+        module = BatchedToy(batched=batched, fail_at=5 if where == "training_step" else None)
+        module.fail_after_backward_at = 5 if where == "on_after_backward" else None
+        return module
+
+    with pytest.raises((ValueError, RuntimeError), match=r"fails at step 5|step 5 fails"):
+        fit(reference := failing(batched=False))
+    with pytest.raises((ValueError, RuntimeError), match=r"fails at step 5|step 5 fails"):
+        fit(module := failing(batched=True))
     assert module.trainer.global_step == reference.trainer.global_step > 0
     torch.testing.assert_close(
         state(module), state(reference), rtol=1e-5, atol=1e-6
