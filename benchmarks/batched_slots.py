@@ -25,6 +25,9 @@ in fp16, built from config into ``--random-sd`` once; speed does not depend on t
 
     PYTHONPATH=. .venv/bin/python benchmarks/batched_slots.py --device cuda --random-sd /tmp/random-sd21
 
+``--denoiser-only`` times just the guidance call of a round (P calls on one step's latents against one call on P
+steps' latents, interleaved, CFG included): the part batching changes, robust to a loaded machine.
+
 ``--configs`` picks configurations by name (``--list`` shows them); ``--override`` adds LightningCLI arguments to
 every one (e.g. ``--override=--data.init_args.cameras.batch_size=4``).
 """
@@ -85,8 +88,13 @@ def gpu_settings(random_sd: Path) -> list[Setting]:
         "--model.init_args.guidance.model=stable-diffusion",
         f"--model.init_args.guidance.pretrained_model_name_or_path={random_sd}",
     ]
-    return [
+    at_512 = [
+        "--data.init_args.cameras.height=[512, 512, 512]",
+        "--data.init_args.cameras.width=[512, 512, 512]",
+    ]
+    return [  # DreamGaussian renders 128x128 for its first 150 steps, then 256 and 512; the UNet always sees 64x64
         Setting("dreamgaussian-sd21", CONFIGS / "dreamgaussian.yaml", sd, "cuda"),
+        Setting("dreamgaussian-sd21-512px", CONFIGS / "dreamgaussian.yaml", sd + at_512, "cuda"),
         Setting("dreamfusion-sd21", CONFIGS / "dreamfusion-sd.yaml", sd, "cuda"),
     ]
 
@@ -107,12 +115,7 @@ def build_random_sd21(folder: Path) -> Path:
 
     torch.manual_seed(0)
     vocab, merges = _byte_level_clip_vocab()
-    with tempfile.TemporaryDirectory() as scratch:
-        (Path(scratch) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(scratch) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges))
-        tokenizer = CLIPTokenizer(
-            str(Path(scratch) / "vocab.json"), str(Path(scratch) / "merges.txt"), model_max_length=77
-        )
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -216,6 +219,57 @@ def time_run(setting: Setting, window: int | None, batched: bool, steps: int, wa
     return statistics.median(durations)
 
 
+def time_denoiser(setting: Setting, window: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of the guidance call (CFG included) of one round: ``window`` calls on one step's noised
+    latents against one call on ``window`` steps' latents, interleaved ``repeats`` times (robust to load drift)."""
+    from recipes.cli import RecipeCLI
+    from recipes.guidance.batching import concat_conditions
+
+    cli = RecipeCLI(
+        args=["-c", str(setting.config), *setting.overrides], run=False, save_config_callback=None
+    )
+    device = torch.device(setting.device)
+    model = cli.model.to(device)
+    sds = model.load_distiller(device).loss
+    guidance = model.load_distiller(device).guidance
+    dataset = cli.datamodule.train_dataloader().dataset
+    samples, conditions, unconditions = [], [], []
+    with torch.no_grad():
+        for step in range(window):
+            cameras = dataset[step].to(device)
+            x = guidance.encode(model.scene.render(cameras)["comp_rgb"])
+            condition, uncondition = guidance.conditions(cameras)
+            samples.append(sds.noised(x, global_step=step))
+            conditions.append(condition)
+            unconditions.append(uncondition)
+    batched_inputs = (
+        torch.cat([sample.x_t for sample in samples]),
+        torch.cat([sample.t for sample in samples]),
+        concat_conditions(conditions),
+        concat_conditions(unconditions),
+    )
+
+    def timed(call: Any) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def one_by_one() -> None:
+        for sample, condition, uncondition in zip(samples, conditions, unconditions):
+            sds.predict(sample.x_t, sample.t, condition, uncondition)
+
+    separate, together = [], []
+    timed(one_by_one), timed(lambda: sds.predict(*batched_inputs))  # warm-up
+    for _ in range(repeats):
+        separate.append(timed(one_by_one))
+        together.append(timed(lambda: sds.predict(*batched_inputs)))
+    return statistics.median(separate), statistics.median(together)
+
+
 def load() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
@@ -233,6 +287,10 @@ def main() -> None:
     )
     parser.add_argument("--list", action="store_true", help="list the configurations and exit")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    parser.add_argument(
+        "--denoiser-only", action="store_true", help="time only the guidance call of a round (no fits)"
+    )
+    parser.add_argument("--repeats", type=int, default=20, help="interleaved repeats of --denoiser-only")
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # the recipe CLI parses its own arguments
 
@@ -256,6 +314,19 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, torch {torch.__version__}, steps {steps}, "
         f"warmup {args.warmup}"
     )
+    if args.denoiser_only:
+        print("| config | P | P calls of one step (ms) | one call of P steps (ms) | gain | load |")
+        print("|---|---|---|---|---|---|")
+        for setting in settings:
+            for window in args.windows:
+                before = load()
+                separate, together = time_denoiser(setting, window, args.repeats)
+                print(
+                    f"| {setting.name} | {window} | {separate * 1e3:.2f} | {together * 1e3:.2f} | "
+                    f"{separate / together:.2f}× | {before} |",
+                    flush=True,
+                )
+        return
     rows = []
     for setting in settings:
         before = load()

@@ -117,10 +117,11 @@ class PicardEpochLoop(TrainingEpochLoop):
     @override
     def on_run_start(self, data_fetcher: DataFetcher) -> None:
         super().on_run_start(data_fetcher)
-        try:
-            check_training_step_slots(self.trainer.lightning_module)
-        except ValueError as error:
-            raise MisconfigurationException(str(error)) from None
+        if self.strategy.window_size > self.trainer.world_size:  # else a rank never has two slots
+            try:
+                check_training_step_slots(self.trainer.lightning_module)
+            except ValueError as error:
+                raise MisconfigurationException(str(error)) from None
         if self.trainer.world_size > 1:
             compat.replace_sigterm_notifier(self.trainer, self._notice_sigterm)
         loaders = compat.train_dataloaders(self.trainer)
