@@ -75,9 +75,7 @@ class PicardSlot:
 
     def generator(self, device: torch.device | str | None = None, offset: int = 0) -> torch.Generator:
         """The generator :func:`~lightning_picard.step_generator` gives inside this slot's step."""
-        generator = torch.Generator(device=device if device is not None else "cpu")
-        generator.manual_seed((self.seed * 1_000_003 + offset) % 2**63)
-        return generator
+        return rng.seeded_generator(self.seed, device, offset)
 
     def step_context(self) -> AbstractContextManager[None]:
         """The slot's step without its state in the module: seeded RNGs, ``global_step``, ``self.log``,

@@ -74,6 +74,9 @@ class BatchedToy(pl.LightningModule):
         prepared = []
         for slot in slots:
             with slot:
+                assert self.global_step == slot.step and self.net[0].weight is slot.parameters["net.0.weight"]
+                ours, theirs = slot.generator(offset=3), lp.step_generator(offset=3)
+                assert torch.equal(torch.rand(4, generator=ours), torch.rand(4, generator=theirs))
                 prepared.append(self._forward(slot.batch))
         inputs = [h.detach() for h, _ in prepared]
         if self.batch_critic:
