@@ -20,6 +20,7 @@ from lightning_picard.hooks import local_parameters, picard_parameters
 from lightning_picard.progress import PicardProgressBar, PicardRichProgressBar
 from lightning_picard.rng import current_step_seed, step_generator, step_rng, step_seed
 from lightning_picard.shard import BatchShard, batch_shard
+from lightning_picard.slots import PicardSlot
 from lightning_picard.snapshot import OptimizerSnapshot
 from lightning_picard.strategy import PicardStrategy
 from lightning_picard.window import PicardWindow, RoundResult
@@ -33,6 +34,7 @@ __all__ = [
     "PicardProgressBar",
     "PicardRankError",
     "PicardRichProgressBar",
+    "PicardSlot",
     "PicardStrategy",
     "PicardWindow",
     "RoundResult",

@@ -50,13 +50,25 @@ All hooks are optional; a module that defines none is trained as one fixed vecto
     parameters and the step need not count. With ``error_units="step"`` each counted buffer is measured
     against its own change per step, so counts and statistics in other units than the parameters do not
     dominate the error.
+
+``picard_training_step_slots(slots: list[PicardSlot]) -> Sequence[Tensor | dict | None]``
+    Evaluates several window slots of one rank as one batch, in place of one ``training_step`` per slot (only
+    when a rank has more than one slot in a round: more slots than slot groups, ``window_size > world_size / slot_group_size``). Each
+    :class:`~lightning_picard.slots.PicardSlot` carries its step, batch, ``batch_idx``, seed and its own leaf
+    tensors of the Picard parameters (the slot's guess) and copies of the Picard buffers and step outputs; inside
+    ``with slot:`` the module's attributes are those tensors and ``global_step``, the RNGs, ``self.log`` and
+    ``trainer.should_stop`` are the slot's step's. Return one ``training_step`` output per slot, in the order
+    given; the strategy runs one backward of their sum (each slot's loss must depend on its own slot's tensors
+    only) and hands each slot's gradient to the round. Setting it to ``None`` turns it off. Not with
+    ``picard_local_parameters``. The page "Writing a Picard-ready LightningModule" gives the exact contract.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -92,6 +104,25 @@ def picard_named_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn
 def picard_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters that are Picard state: trainable, and not declared rank-local."""
     return [p for _, p in picard_named_parameters(module)]
+
+
+def training_step_slots(module: torch.nn.Module) -> Callable[[list[Any]], Sequence[Any]] | None:
+    """The module's ``picard_training_step_slots``, or ``None`` if it has none (or sets it to ``None``)."""
+    hook = getattr(module, "picard_training_step_slots", None)
+    return hook if callable(hook) else None
+
+
+def check_training_step_slots(module: torch.nn.Module) -> None:
+    """Raise ``ValueError`` if the module's ``picard_training_step_slots`` cannot be used with its other hooks."""
+    if training_step_slots(module) is None:
+        return
+    if local_parameters(module):
+        raise ValueError(
+            "picard_training_step_slots cannot be combined with picard_local_parameters(): rank-local parameters "
+            "are shared by every slot of the batch, so one backward would sum their gradients over the slots, and "
+            "their optimizer would step on that sum. Set picard_training_step_slots = None (evaluate the slots one "
+            "by one) or make those parameters Picard state."
+        )
 
 
 def picard_buffers(module: torch.nn.Module) -> dict[str, bool | float]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,8 +35,14 @@ from lightning_picard.compat import (
 )
 from lightning_picard.convergence import aggregate_errors
 from lightning_picard.errors import PicardRankError
-from lightning_picard.hooks import picard_parameters, run_after_optimizer_step
+from lightning_picard.hooks import (
+    check_training_step_slots,
+    picard_parameters,
+    run_after_optimizer_step,
+    training_step_slots,
+)
 from lightning_picard.round import RoundStatus
+from lightning_picard.slots import PicardSlot, slot_state
 from lightning_picard.window import Resize, RoundResult
 
 if TYPE_CHECKING:
@@ -109,6 +117,11 @@ class PicardEpochLoop(TrainingEpochLoop):
     @override
     def on_run_start(self, data_fetcher: DataFetcher) -> None:
         super().on_run_start(data_fetcher)
+        if self.strategy.slots_per_rank > 1:  # else a rank never has two slots
+            try:
+                check_training_step_slots(self.trainer.lightning_module)
+            except ValueError as error:
+                raise MisconfigurationException(str(error)) from None
         if self.trainer.world_size > 1:
             compat.replace_sigterm_notifier(self.trainer, self._notice_sigterm)
         loaders = compat.train_dataloaders(self.trainer)
@@ -303,6 +316,14 @@ class PicardEpochLoop(TrainingEpochLoop):
         failure: BaseException | None = None
         self._logged = {}
         slots = picard_round.begin(n, sigterm=self.strategy.world_size > 1 and trainer.received_sigterm)
+        batched_error: BaseException | None = None
+        if len(slots) > 1 and training_step_slots(trainer.lightning_module) is not None:
+            batched_error = self._evaluate_batched(slots, tau, first_batch_idx, outputs)
+            if batched_error is None:
+                picard_round.load(0)
+                results.batch = self._batches[0]
+                return outputs, None
+            self._logged = {}  # evaluated again one by one below: a step that fails fails as without the hook
         for j in slots:
             picard_round.load(j)
             step, batch_idx = tau + j, first_batch_idx + j
@@ -354,7 +375,166 @@ class PicardEpochLoop(TrainingEpochLoop):
             del step_output, result
         picard_round.load(0)
         results.batch = self._batches[0]
+        if batched_error is not None and failure is None:
+            failure = self._batched_hook_failed(batched_error, slots, tau)
         return outputs, failure
+
+    def _evaluate_batched(
+        self, slots: list[int], tau: int, first_batch_idx: int, outputs: dict[int, Any]
+    ) -> BaseException | None:
+        """Evaluate this rank's ``slots`` with the module's ``picard_training_step_slots`` and one backward, and
+        record each slot in the round once all succeeded; returns the exception if anything raised (nothing is recorded
+        then).
+
+        Per slot, as in its one-by-one evaluation: ``on_before_zero_grad``, ``optimizer_zero_grad`` and
+        ``on_before_backward`` (with the slot's loss) before the backward, and ``on_after_backward`` after it with
+        the slot's guess loaded and its gradient in ``.grad``; each in the slot's step (``global_step``, seeded
+        RNGs, ``self.log``, ``should_stop``).
+        """
+        trainer = self.trainer
+        module = trainer.lightning_module
+        picard_round = self.strategy.round
+        window, flat = picard_round.window, picard_round.flat
+        optimizer = trainer.optimizers[0]
+        results = compat.training_results(trainer)
+        stop_before = trainer.should_stop
+        current: list[PicardSlot] = []
+
+        @contextmanager
+        def activate(slot: PicardSlot) -> Iterator[None]:
+            if current:
+                raise MisconfigurationException(
+                    f"Slot {slot.index} (step {slot.step}) was entered inside slot {current[0].index}: enter one "
+                    "slot at a time (`with slot:` blocks must not nest)."
+                )
+            current.append(slot)
+            self._evaluating_step = slot.step
+            results.batch, results.batch_size = slot.batch, None
+            trainer.should_stop = stop_before
+            try:
+                yield
+            finally:
+                slot.stop = slot.stop or (trainer.should_stop and not stop_before)
+                trainer.should_stop = stop_before
+                self._evaluating_step = None
+                current.clear()
+
+        def record(key: str, value: Any, batch_size: int) -> None:
+            if not current:
+                raise MisconfigurationException(
+                    f"self.log({key.split('.', 1)[-1]!r}) was called in picard_training_step_slots outside a slot: "
+                    "log inside `with slot:`, so the value belongs to that slot's step."
+                )
+            self._logged[current[0].index].append(
+                (key, value.clone() if isinstance(value, torch.Tensor) else value, batch_size)
+            )
+
+        batch: list[PicardSlot] = []
+        for j in slots:
+            values, layout, buffers = window.row_state(j)
+            parameters, copies = slot_state(values, layout, flat.names, buffers)
+            batch.append(
+                PicardSlot(
+                    j,
+                    tau + j,
+                    self._batches[j],
+                    first_batch_idx + j,
+                    self.strategy.seed,
+                    module,
+                    parameters,
+                    copies,
+                    activate,
+                )
+            )
+            self._logged[j] = []
+        try:
+            with self.strategy.slot_evaluation(), compat.recording_updates(results, record):
+                with (
+                    trainer.precision_plugin.train_step_context(),
+                    compat.logging_from(module, "training_step"),
+                ):
+                    step_outputs = list(training_step_slots(module)(list(batch)))  # type: ignore[misc]
+                self.strategy.post_training_step()
+                if len(step_outputs) != len(batch):
+                    raise MisconfigurationException(
+                        f"picard_training_step_slots returned {len(step_outputs)} outputs for {len(batch)} slots; "
+                        "return one training_step output per slot, in the order of the slots given."
+                    )
+                if trainer.should_stop != stop_before:
+                    raise MisconfigurationException(
+                        "picard_training_step_slots set trainer.should_stop outside a slot: set it inside "
+                        "`with slot:`, so that it belongs to that slot's step."
+                    )
+                closures = [
+                    ClosureResult.from_training_step_output(output, trainer.accumulate_grad_batches)
+                    for output in step_outputs
+                ]
+                for slot, result in zip(batch, closures):
+                    with slot.step_context():
+                        call_callback_hooks(trainer, "on_before_zero_grad", optimizer)
+                        call_lightning_module_hook(trainer, "on_before_zero_grad", optimizer)
+                        call_lightning_module_hook(
+                            trainer, "optimizer_zero_grad", trainer.current_epoch, slot.batch_idx, optimizer
+                        )
+                        if result.closure_loss is not None:
+                            call_callback_hooks(trainer, "on_before_backward", result.closure_loss)
+                            call_lightning_module_hook(trainer, "on_before_backward", result.closure_loss)
+                losses = [result.closure_loss for result in closures if result.closure_loss is not None]
+                if losses:
+                    # The slots' losses are independent: the gradient of their sum is each slot's own gradient.
+                    total = sum(losses[1:], losses[0])
+                    trainer.precision_plugin.backward(total, module, optimizer)
+                del losses
+                outputs_names = window.buffers.outputs if window.buffers is not None else []
+                evaluated: list[tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]] = []
+                for slot, result in zip(batch, closures):
+                    picard_round.load(slot.index)
+                    for parameter, gradient in zip(flat.params, slot.gradients()):
+                        parameter.grad = gradient
+                    if outputs_names:
+                        window.buffers.load({name: slot.buffers[name] for name in outputs_names})  # type: ignore[union-attr]
+                    if result.closure_loss is not None:
+                        with slot.step_context():
+                            call_callback_hooks(trainer, "on_after_backward")
+                            call_lightning_module_hook(trainer, "on_after_backward")
+                    else:
+                        _warnings.warn(
+                            "`training_step` returned `None`. If this was on purpose, ignore this warning..."
+                        )
+                    window.check_step_outputs(slot.index, slot.step)
+                    live = window.buffers.live() if outputs_names else {}  # type: ignore[union-attr]
+                    evaluated.append(
+                        ([p.grad for p in flat.params], {name: live[name].clone() for name in outputs_names})
+                    )
+        except Exception as error:
+            trainer.should_stop = stop_before
+            self._evaluating_step = None
+            outputs.clear()
+            return error
+        # Every slot evaluated: only now are the rows written (a failure above leaves them for the one-by-one pass).
+        for slot, result, (gradients, step_outputs) in zip(batch, closures, evaluated):
+            picard_round.load(slot.index)
+            for parameter, gradient in zip(flat.params, gradients):
+                parameter.grad = gradient
+            if outputs_names:
+                window.buffers.load(step_outputs)  # type: ignore[union-attr]
+            loss = result.loss if result.closure_loss is not None else None
+            picard_round.record_slot(slot.index, stop=slot.stop, loss=loss, more=bool(result.extra))
+            outputs[slot.index] = result.asdict() if result.closure_loss is not None else {}
+        return None
+
+    def _batched_hook_failed(self, error: BaseException, slots: list[int], tau: int) -> BaseException:
+        """``picard_training_step_slots`` raised but every slot succeeded one by one: the hook disagrees with
+        ``training_step`` (or ran out of memory at the batched size). Fail the round at this rank's first slot."""
+        first = min(slots)
+        self.strategy.round.record_failure(first)
+        error.picard_step = tau + first  # type: ignore[attr-defined]
+        error.add_note(
+            f"Picard: picard_training_step_slots raised for steps {sorted(tau + j for j in slots)}, where "
+            "training_step, run one slot at a time, succeeded. Fix the hook, or set picard_training_step_slots = "
+            "None on the module to evaluate slots one by one."
+        )
+        return error
 
     def _apply_logged(self, skip: int) -> None:
         """Let the values ``self.log`` recorded at this rank's accepted slots reach Lightning's results, in step

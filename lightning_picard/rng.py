@@ -114,6 +114,13 @@ def step_generator(device: torch.device | str | None = None, offset: int = 0) ->
             "step_generator() was called outside a seeded training step. It works inside training_step when "
             "training with strategy='picard' or with the lightning_picard.StepSeed callback."
         )
+    return seeded_generator(value, device, offset)
+
+
+def seeded_generator(
+    step_seed: int, device: torch.device | str | None = None, offset: int = 0
+) -> torch.Generator:
+    """The generator :func:`step_generator` gives inside the step whose seed is ``step_seed``."""
     generator = torch.Generator(device=device if device is not None else "cpu")
-    generator.manual_seed((value * 1_000_003 + offset) % 2**63)
+    generator.manual_seed((step_seed * 1_000_003 + offset) % 2**63)
     return generator

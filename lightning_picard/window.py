@@ -160,6 +160,11 @@ class PicardWindow:
         """Parameter values of row ``j``: the anchor for ``j = 0``, else the guess of step ``τ + j``."""
         return self._row(j).values
 
+    def row_state(self, j: int) -> tuple[torch.Tensor, Layout, dict[str, torch.Tensor]]:
+        """Row ``j``'s parameter values, their shapes and its Picard buffers (the window's own tensors: read only)."""
+        row = self._row(j)
+        return row.values, row.layout, row.buffers
+
     def slot_numel(self, j: int) -> int:
         """Values a gathered row of slot ``j`` carries after the presence flags: the gradients of row ``j``'s
         parameters and its step outputs (rows differ only when the module changes dimensions)."""

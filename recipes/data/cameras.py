@@ -122,6 +122,20 @@ class Cameras:
             light_positions=self.light_positions[index],
         )
 
+    @classmethod
+    def cat(cls, batches: list[Cameras]) -> Cameras:
+        """The camera batches one after another, as one batch (they must share an image size)."""
+        sizes = {(c.height, c.width) for c in batches}
+        if len(sizes) != 1:
+            raise ValueError(f"cannot concatenate cameras of different image sizes {sorted(sizes)}")
+        return replace(
+            batches[0],
+            **{
+                name: torch.cat([getattr(c, name) for c in batches])
+                for name in ("c2w", "fovy", "elevation_deg", "azimuth_deg", "distance", "light_positions")
+            },
+        )
+
     def with_resolution(self, height: int, width: int) -> Cameras:
         """The same poses and vertical field of view rendered at another image size."""
         return replace(self, height=height, width=width)

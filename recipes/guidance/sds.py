@@ -52,20 +52,58 @@ class ScoreDistillationSampling:
     ) -> DistillationOutput:
         """Distill the denoiser's score into ``x`` ([B, …], differentiable).
 
-        ``t`` and the noise come from ``generator`` when given, otherwise from the global torch RNG.
+        ``t`` and the noise come from ``generator`` when given, otherwise from the global torch RNG. This is
+        :meth:`noised`, :meth:`predict` and :meth:`distill` in a row; several steps' samples can share one
+        :meth:`predict` (``picard_training_step_slots``).
         """
-        cfg = self.config
-        t = cfg.timesteps.sample(
+        sample = self.noised(x, global_step=global_step, generator=generator)
+        eps_hat = self.predict(sample.x_t, sample.t, condition, uncondition)
+        return self.distill(sample, eps_hat, global_step=global_step)
+
+    def noised(
+        self, x: torch.Tensor, *, global_step: int = 0, generator: torch.Generator | None = None
+    ) -> NoisedSample:
+        """Draw ``t`` and the noise (in that order, from ``generator``) and noise ``x`` to ``x_t``."""
+        t = self.config.timesteps.sample(
             x.shape[0], global_step, self.denoiser.num_train_timesteps, x.device, generator
         )
         noise = randn_like(x.detach().float(), generator)
         with torch.no_grad():
             x_t = add_noise(self.denoiser.alphas_cumprod, x.detach().float(), noise, t)
-            eps_hat = predict_guided_noise(
-                self.denoiser, x_t, t, condition, uncondition, cfg.guidance_scale
-            ).guided
+        return NoisedSample(x=x, t=t, noise=noise, x_t=x_t)
+
+    @torch.no_grad()
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, condition: Any, uncondition: Any) -> torch.Tensor:
+        """The CFG-guided noise prediction ε̂ for ``x_t`` at ``t`` (a batch of any size, no gradient)."""
+        return predict_guided_noise(
+            self.denoiser, x_t, t, condition, uncondition, self.config.guidance_scale
+        ).guided
+
+    def distill(
+        self, sample: NoisedSample, eps_hat: torch.Tensor, *, global_step: int = 0
+    ) -> DistillationOutput:
+        """The SDS gradient w(t)·(ε̂ − ε) of ``sample`` and its surrogate loss."""
+        cfg = self.config
+        x, t = sample.x, sample.t
         weight = timestep_weight(cfg.weighting, self.denoiser.alphas_cumprod, t)
         weight = weight.view(-1, *([1] * (x.dim() - 1)))
         grad_clip = None if cfg.grad_clip is None else scalar_at(cfg.grad_clip, global_step)
-        grad = finalize_gradient(weight * (eps_hat.float() - noise), grad_clip)
+        grad = finalize_gradient(weight * (eps_hat.float() - sample.noise), grad_clip)
         return DistillationOutput(loss=surrogate_loss(x, grad), grad=grad, t=t)
+
+
+@dataclass
+class NoisedSample:
+    """SDS's input of one step before the denoiser sees it.
+
+    Attributes:
+        x: the differentiable input ``[B, …]``.
+        t: its timesteps ``[B]``.
+        noise: the noise ε added (float32).
+        x_t: the noised input (float32, detached).
+    """
+
+    x: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    x_t: torch.Tensor

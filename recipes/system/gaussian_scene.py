@@ -111,8 +111,10 @@ class GaussianScene(Scene):
             self.screen_radii.copy_(out.radii[-1])
             scale = torch.tensor([0.5 * cameras.width, 0.5 * cameras.height], device=out.means2d.device)
 
+            target = self.screen_grad  # this evaluation's buffer (a slot's own in a batched evaluation)
+
             def record(grad: Tensor) -> None:  # runs in the backward of the step
-                self.screen_grad.copy_(grad[-1] * scale)
+                target.copy_(grad[-1] * scale)
 
             out.means2d.register_hook(record)
         background = self.background.to(out.rgb.dtype).expand_as(out.rgb)

@@ -20,10 +20,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_picard import PicardStrategy, StepSeed, step_generator
+from lightning_picard import PicardSlot, PicardStrategy, StepSeed, step_generator
 from lightning_picard.progress import picard_progress_bar
 from recipes.data.cameras import Cameras
 from recipes.export.video import image_grid, save_image, write_video
+from recipes.guidance.batching import concat_conditions
 from recipes.guidance.prompts import PromptConfig
 from recipes.guidance.sds import SDSConfig
 from recipes.losses.regularizers import RegularizerWeights, regularization
@@ -63,6 +64,11 @@ class TextTo3D(pl.LightningModule):
         init_from: an earlier stage's run folder (or checkpoint) to start the scene from, once, before the first
             step of a fresh fit (:meth:`Scene.init_from`; Magic3D's refine starts from its coarse run). Default is
             None (the scene's own initialisation).
+        batched_slots: under Picard with several slots per rank (``window_size`` above the number of ranks),
+            evaluate a rank's slots as one batch (:meth:`picard_training_step_slots`): each slot renders from its
+            own guess with its own step seed, and the denoiser runs once over every slot's latents. SDS only.
+            Equal to the one-by-one evaluation to float tolerance (not bit for bit: the batched denoiser call
+            rounds differently). Default is False.
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class TextTo3D(pl.LightningModule):
         mesh_resolution: int = 128,
         texture_size: int | None = 512,
         init_from: str | None = None,
+        batched_slots: bool = False,
     ) -> None:
         super().__init__()
         self.prompt = prompt_config(prompt, prompt_options)
@@ -88,6 +95,20 @@ class TextTo3D(pl.LightningModule):
         self.sds_config = sds if sds is not None else SDSConfig()
         self.distillation_config = distillation if distillation is not None else DistillationConfig()
         self.distillation_config.check_guidance(self.guidance_config)
+        self.batched_slots = batched_slots
+        if batched_slots and self.distillation_config.method != "sds":
+            raise ValueError(
+                f"model.batched_slots batches SDS's denoiser call, not {self.distillation_config.method}'s; set "
+                "model.batched_slots false (the slots are then evaluated one by one), or use "
+                "model.distillation.method sds"
+            )
+        if batched_slots and type(self).training_step is not TextTo3D.training_step:
+            raise ValueError(
+                f"model.batched_slots batches TextTo3D's training step, which {type(self).__name__} replaces; set "
+                "model.batched_slots false"
+            )
+        if not batched_slots:
+            self.picard_training_step_slots = None  # the loop evaluates slots one by one
         self.particle: torch.nn.Module | None = particle_module(
             self.distillation_config, self.guidance_config
         )
@@ -270,10 +291,53 @@ class TextTo3D(pl.LightningModule):
         if particle_loss is not None:
             loss = loss + particle_loss
             self.log("train/loss_particle", particle_loss.detach())
+        return self._add_regularizers(loss, out, step)
+
+    def _add_regularizers(self, loss: Tensor, out: dict[str, Tensor], step: int) -> Tensor:
         for name, term in regularization(out, self.regularizers, step).items():
             loss = loss + term
             self.log(f"train/{name}", term.detach())
         return loss
+
+    def picard_training_step_slots(self, slots: list[PicardSlot]) -> list[Tensor]:
+        """:meth:`training_step` of several Picard slots at once (``model.batched_slots``, SDS).
+
+        Each slot renders from its own guess and draws its camera shading, timestep and noise from its own step's
+        generators, exactly as its ``training_step`` would; the denoiser then runs once over all the slots' noised
+        latents, and each slot's SDS loss and regularizers are its own.
+        """
+        distiller = self.distiller
+        sds = distiller.loss
+        renders, samples, conditions, unconditions = [], [], [], []
+        for slot in slots:
+            with slot:
+                step, cameras = self.global_step, slot.batch
+                self.scene.prepare_step(step)
+                out = self.scene.render(cameras, generator=step_generator(offset=RENDER_STREAM))
+                generator = step_generator(offset=GUIDANCE_STREAM)
+                x = distiller.guidance.encode(out["comp_rgb"], generator)
+                condition, uncondition = distiller.guidance.conditions(cameras)
+                samples.append(sds.noised(x, global_step=step, generator=generator))
+            renders.append(out)
+            conditions.append(condition)
+            unconditions.append(uncondition)
+        eps_hat = sds.predict(
+            torch.cat([sample.x_t for sample in samples]),
+            torch.cat([sample.t for sample in samples]),
+            concat_conditions(conditions),
+            concat_conditions(unconditions),
+        )
+        losses = []
+        for slot, out, sample, eps in zip(
+            slots, renders, samples, eps_hat.split([len(s.x_t) for s in samples])
+        ):
+            with slot:
+                distilled = sds.distill(sample, eps, global_step=slot.step)
+                loss = distilled.loss
+                self.log(f"train/loss_{distiller.name}", loss.detach())
+                self.log("train/t", distilled.t.float().mean())
+                losses.append(self._add_regularizers(loss, out, slot.step))
+        return losses
 
     # --- Picard protocol (delegated to the scene, which owns the state) ------------------------------------
 
