@@ -53,7 +53,7 @@ All hooks are optional; a module that defines none is trained as one fixed vecto
 
 ``picard_training_step_slots(slots: list[PicardSlot]) -> Sequence[Tensor | dict | None]``
     Evaluates several window slots of one rank as one batch, in place of one ``training_step`` per slot (only
-    when a rank has more than one slot in a round: more slots than slot groups, ``window_size > world_size / slot_group_size``). Each
+    when a rank has more than one slot in a round: ``window_size > world_size / slot_group_size``). Each
     :class:`~lightning_picard.slots.PicardSlot` carries its step, batch, ``batch_idx``, seed and its own leaf
     tensors of the Picard parameters (the slot's guess) and copies of the Picard buffers and step outputs; inside
     ``with slot:`` the module's attributes are those tensors and ``global_step``, the RNGs, ``self.log`` and

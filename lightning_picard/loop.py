@@ -498,9 +498,7 @@ class PicardEpochLoop(TrainingEpochLoop):
                             call_callback_hooks(trainer, "on_after_backward")
                             call_lightning_module_hook(trainer, "on_after_backward")
                     else:
-                        _warnings.warn(
-                            "`training_step` returned `None`. If this was on purpose, ignore this warning..."
-                        )
+                        compat.warn_training_step_returned_none()
                     window.check_step_outputs(slot.index, slot.step)
                     live = window.buffers.live() if outputs_names else {}  # type: ignore[union-attr]
                     evaluated.append(
