@@ -75,7 +75,9 @@ def procedural_object(index: int) -> CaptionedObject:
     names = list(COLOURS)
     colour = names[pair // len(SHAPES)]
     stripe = names[(pair // len(SHAPES) + 3) % len(names)]
-    return CaptionedObject(f"a {colour} {kind} with {stripe} stripes", _shape(kind, COLOURS[colour], COLOURS[stripe]))
+    article = "an" if colour[0] in "aeiou" else "a"
+    caption = f"{article} {colour} {kind} with {stripe} stripes"
+    return CaptionedObject(caption, _shape(kind, COLOURS[colour], COLOURS[stripe]))
 
 
 def procedural_objects(count: int) -> list[CaptionedObject]:
@@ -85,4 +87,22 @@ def procedural_objects(count: int) -> list[CaptionedObject]:
     return [procedural_object(i) for i in range(count)]
 
 
-__all__ = ["MAX_OBJECTS", "CaptionedObject", "procedural_object", "procedural_objects"]
+def object_of_caption(caption: str) -> CaptionedObject:
+    """The procedural object a caption asks for.
+
+    Raises:
+        ValueError: ``caption`` is no procedural object's caption.
+    """
+    index = _CAPTIONS.get(caption)
+    if index is None:
+        raise ValueError(
+            f"{caption!r} is not the caption of a procedural object (e.g. {procedural_object(0).caption!r}); the "
+            "closed-form prior knows only those: train on model.corpus.procedural_objects K, or a corpus whose train "
+            "prompts are such captions, or use a text model (model.guidance.model stable-diffusion)"
+        )
+    return procedural_object(index)
+
+
+_CAPTIONS = {procedural_object(i).caption: i for i in range(MAX_OBJECTS)}
+
+__all__ = ["MAX_OBJECTS", "CaptionedObject", "object_of_caption", "procedural_object", "procedural_objects"]

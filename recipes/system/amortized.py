@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from lightning_picard import batch_shard, step_generator
 from recipes.data.cameras import Cameras
-from recipes.data.procedural_set import procedural_objects
+from recipes.data.procedural_set import object_of_caption, procedural_objects
 from recipes.data.prompt_corpus import PromptCorpus, draw_prompts, load_prompt_corpus
 from recipes.export.mesh import export_mesh, marching_cubes
 from recipes.export.video import image_grid, save_image, write_video
@@ -216,8 +216,9 @@ class CorpusConfig:
     Attributes:
         path: a JSON prompt library (``{"train": [...], "val": [...], "test": [...]}``) or a text file, one
             prompt a line (then all three splits). Default is None.
-        procedural_objects: K, the weight-free corpus: the captions of the first K procedural objects (with
-            ``guidance.model: closed-form``). Default is None. Exactly one of ``path`` and ``procedural_objects``.
+        procedural_objects: K, the weight-free corpus: the captions of the first K procedural objects, all three
+            splits (for ``guidance.model: closed-form``, whose train prompts must be such captions). Default is None.
+            Exactly one of ``path`` and ``procedural_objects``.
         cache_dir: the text-embedding cache folder. Default is ``.lightning_picard_cache/text_embeddings``.
     """
 
@@ -225,15 +226,13 @@ class CorpusConfig:
     procedural_objects: int | None = None
     cache_dir: str = DEFAULT_CACHE_DIR
 
-    def __post_init__(self) -> None:
+    def load(self) -> PromptCorpus:
+        """The corpus (read and checked)."""
         if (self.path is None) == (self.procedural_objects is None):
             raise ValueError(
                 "give the corpus as exactly one of model.corpus.path (a JSON prompt library or a text file) and "
                 "model.corpus.procedural_objects (K, the weight-free captioned objects)"
             )
-
-    def load(self) -> PromptCorpus:
-        """The corpus (read and checked)."""
         if self.path is not None:
             return load_prompt_corpus(self.path)
         captions = [obj.caption for obj in procedural_objects(self.procedural_objects)]
@@ -324,11 +323,9 @@ class AmortizedTextTo3D(TextTo3D):
         self.corpus = corpus.load()
         self.text_encoder_config = text_encoder if text_encoder is not None else TextEncoderConfig()
         self.n_val_prompts = n_val_prompts
-        if (self.guidance_config.model == "closed-form") != (corpus.procedural_objects is not None):
-            raise ValueError(
-                "the closed-form prior knows only the procedural objects: use model.corpus.procedural_objects K "
-                "with model.guidance.model closed-form, and a corpus file with a text model (stable-diffusion)"
-            )
+        if self.guidance_config.model == "closed-form":
+            for prompt in self.corpus.train:
+                object_of_caption(prompt)  # raises with what to do
         if self.guidance_config.model == "zero123":
             raise ValueError("Zero-1-to-3 is image-conditioned; amortized text-to-3D needs a text model")
         generator_dim = scene.amortized_generator.embedding_dim
@@ -371,7 +368,7 @@ class AmortizedTextTo3D(TextTo3D):
         if config.model == "closed-form":
             from recipes.guidance.multi_object import MultiObjectPrior
 
-            objects = [obj.object for obj in procedural_objects(len(self.corpus.train))]
+            objects = [object_of_caption(prompt).object for prompt in self.corpus.train]
             prior = MultiObjectPrior.from_objects(
                 objects, config.closed_form.height, config.closed_form.sigma_deg, config.closed_form.restrict_deg
             )
