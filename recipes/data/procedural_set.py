@@ -55,7 +55,8 @@ def _shape(kind: str, colour: Vec3, stripe: Vec3) -> ProceduralObject:
         return ProceduralObject(spheres=(sphere((0.3, -0.2, 0.0), 0.35), sphere((-0.35, 0.25, 0.1), 0.28, x)))
     if kind == "sphere on a box":
         return ProceduralObject(
-            spheres=(sphere((0.0, 0.0, 0.28), 0.30),), boxes=(box((0.0, 0.0, -0.30), (0.40, 0.40, 0.20), 35.0),)
+            spheres=(sphere((0.0, 0.0, 0.28), 0.30),),
+            boxes=(box((0.0, 0.0, -0.30), (0.40, 0.40, 0.20), 35.0),),
         )
     return ProceduralObject(
         spheres=(

@@ -128,7 +128,9 @@ def _parse_library(text: str, source: str) -> PromptCorpus:
         ) from None
     expected = '{"train": [...], "val": [...], "test": [...]}'
     if not isinstance(library, dict):
-        raise PromptCorpusError(f"{source} holds a JSON {type(library).__name__}; a prompt library is {expected}")
+        raise PromptCorpusError(
+            f"{source} holds a JSON {type(library).__name__}; a prompt library is {expected}"
+        )
     missing = [split for split in SPLITS if split not in library]
     if missing:
         raise PromptCorpusError(

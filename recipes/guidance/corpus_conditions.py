@@ -51,7 +51,11 @@ class ObjectConditions:
 
 
 def fill_text_cache(
-    texts: list[str], encoding: TextEncoding, cache_dir: str | Path, batch_size: int = 64, progress: bool = True
+    texts: list[str],
+    encoding: TextEncoding,
+    cache_dir: str | Path,
+    batch_size: int = 64,
+    progress: bool = True,
 ) -> int:
     """Write the embeddings of every text of ``texts`` not yet in ``cache_dir``; return how many were computed.
 
@@ -59,7 +63,9 @@ def fill_text_cache(
     progress bar when there is more than one batch). Files are the layout of :mod:`recipes.guidance.prompts`.
     """
     cache_dir = Path(cache_dir)
-    missing = list(dict.fromkeys(t for t in texts if not _cache_file(cache_dir, encoding.cache_key, t).exists()))
+    missing = list(
+        dict.fromkeys(t for t in texts if not _cache_file(cache_dir, encoding.cache_key, t).exists())
+    )
     if not missing:
         return 0
     encode = encoding.load()

@@ -108,7 +108,7 @@ class PooledCLIPEncoder:
     def cache_key(self) -> str:
         return f"clip-pooled:{self.pretrained_model_name_or_path}"
 
-    def _tokenizer(self):  # noqa: ANN202  (a transformers tokenizer)
+    def _tokenizer(self):
         import transformers
 
         return load_pretrained(transformers.CLIPTokenizer, self.pretrained_model_name_or_path, "tokenizer")
@@ -136,7 +136,11 @@ class PooledCLIPEncoder:
         @torch.no_grad()
         def encode(prompts: list[str]) -> Tensor:
             tokens = tokenizer(
-                prompts, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt"
+                prompts,
+                padding="max_length",
+                max_length=self.max_tokens,
+                truncation=True,
+                return_tensors="pt",
             ).to(device)
             return encoder(tokens.input_ids).pooler_output.float().cpu()
 

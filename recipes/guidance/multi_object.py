@@ -48,7 +48,9 @@ class MultiObjectPrior(ClosedFormPrior):
 
     object_index: Tensor
 
-    def __init__(self, references: Tensor, reference_directions: Tensor, num_objects: int, **kwargs: Any) -> None:
+    def __init__(
+        self, references: Tensor, reference_directions: Tensor, num_objects: int, **kwargs: Any
+    ) -> None:
         super().__init__(references, reference_directions, **kwargs)
         if references.shape[0] % num_objects:
             raise ValueError(f"{references.shape[0]} references cannot be split over {num_objects} objects")

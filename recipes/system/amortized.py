@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -269,7 +269,10 @@ class TextEncoderConfig:
             path = guidance.model_config().pretrained_model_name_or_path
         kwargs = {"pretrained_model_name_or_path": path} if path is not None else {}
         return PooledCLIPEncoder(
-            torch_dtype=guidance.torch_dtype, embedding_dim=self.embedding_dim, max_tokens=self.max_tokens, **kwargs
+            torch_dtype=guidance.torch_dtype,
+            embedding_dim=self.embedding_dim,
+            max_tokens=self.max_tokens,
+            **kwargs,
         )
 
 
@@ -370,13 +373,18 @@ class AmortizedTextTo3D(TextTo3D):
 
             objects = [object_of_caption(prompt).object for prompt in self.corpus.train]
             prior = MultiObjectPrior.from_objects(
-                objects, config.closed_form.height, config.closed_form.sigma_deg, config.closed_form.restrict_deg
+                objects,
+                config.closed_form.height,
+                config.closed_form.sigma_deg,
+                config.closed_form.restrict_deg,
             )
             self._conditions = [ObjectConditions()]
             return Guidance(config, prior.to(device), None)
         denoiser = config.model_class().from_pretrained(config.model_config(), device=device)
         self._conditions = [
-            TextConditions(self.corpus.all_prompts(), self.prompt, denoiser.text_encoding(), device, denoiser.dtype)
+            TextConditions(
+                self.corpus.all_prompts(), self.prompt, denoiser.text_encoding(), device, denoiser.dtype
+            )
         ]
         return Guidance(config, denoiser, None)
 
@@ -405,20 +413,28 @@ class AmortizedTextTo3D(TextTo3D):
             self.log(f"train/{name}", torch.stack(values).mean())
         return torch.stack(losses).mean()
 
-    def prompt_loss(self, index: int, cameras: Cameras, step: int, item: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def prompt_loss(
+        self, index: int, cameras: Cameras, step: int, item: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of train prompt ``index`` seen from ``cameras`` as item ``item`` of step ``step``'s batch, and
         its logged terms."""
         prompt = self.corpus.train[index]
         noise = self._noise(step_generator(offset=item_stream(NOISE_STREAM, item)))
-        field = self.scene.amortized_generator.condition(self.text_embeddings()[prompt].to(self.device), noise)
-        out = self.scene.render_field(field, cameras, generator=step_generator(offset=item_stream(RENDER_STREAM, item)))
+        field = self.scene.amortized_generator.condition(
+            self.text_embeddings()[prompt].to(self.device), noise
+        )
+        out = self.scene.render_field(
+            field, cameras, generator=step_generator(offset=item_stream(RENDER_STREAM, item))
+        )
         distiller = self.distiller
         generator = step_generator(offset=item_stream(GUIDANCE_STREAM, item))
         x = distiller.guidance.encode(out["comp_rgb"], generator)
         condition, uncondition = self.conditions.conditions(prompt, index, cameras)
         particle = ParticleCondition(self.conditions.view_independent(prompt), camera_condition(cameras))
         if self.distillation_config.method == "vsd":
-            distilled = distiller.loss(x, condition, uncondition, particle, global_step=step, generator=generator)
+            distilled = distiller.loss(
+                x, condition, uncondition, particle, global_step=step, generator=generator
+            )
         else:
             distilled = distiller.loss(x, condition, uncondition, global_step=step, generator=generator)
         loss = distilled.loss
@@ -491,7 +507,9 @@ class AmortizedTextTo3D(TextTo3D):
             for suffix in (".mp4", ".gif"):
                 write_video(stem.with_suffix(suffix), frames)
             save_image(stem.with_suffix(".png"), image_grid(frames[:: max(1, len(frames) // 8)][:8]))
-            (folder / "run.json").write_text(json.dumps({"prompt": prompt, "recipe": self.recipe}, indent=2) + "\n")
+            (folder / "run.json").write_text(
+                json.dumps({"prompt": prompt, "recipe": self.recipe}, indent=2) + "\n"
+            )
         rank_zero_info(
             f"Turntables of {len(self.corpus.test)} test prompts written to {self.run_dir / 'test' / 'prompts'}"
         )

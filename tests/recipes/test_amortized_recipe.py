@@ -76,7 +76,10 @@ def test_held_out_prompts_render_a_turntable_each_and_export_a_mesh_each(sequent
     main(["test", "--ckpt_path", checkpoint])
     folders = sorted((sequential / "test" / "prompts").iterdir())
     prompts = [json.loads((f / "run.json").read_text())["prompt"] for f in folders]
-    assert prompts == ["a blue box with orange stripes", "a purple sphere with cream stripes"]  # the 2nd is held out
+    assert prompts == [
+        "a blue box with orange stripes",
+        "a purple sphere with cream stripes",
+    ]  # the 2nd is held out
     for folder in folders:
         assert list((folder / "test").glob("turntable-step000004.mp4"))
     paths = main(["export", "--ckpt_path", checkpoint])
@@ -92,5 +95,13 @@ def test_the_closed_form_prior_refuses_a_train_prompt_it_has_no_object_for(tmp_p
     corpus = tmp_path / "prompts.txt"
     corpus.write_text("a red sphere with yellow stripes\na ripe strawberry\n")
     with pytest.raises(ValueError, match="'a ripe strawberry' is not the caption of a procedural object"):
-        main(["fit", "-c", str(CONFIGS / "smoke" / "amortized.yaml"), "--run_dir", str(tmp_path / "run"),
-              f"--model.corpus.path={corpus}"])
+        main(
+            [
+                "fit",
+                "-c",
+                str(CONFIGS / "smoke" / "amortized.yaml"),
+                "--run_dir",
+                str(tmp_path / "run"),
+                f"--model.corpus.path={corpus}",
+            ]
+        )

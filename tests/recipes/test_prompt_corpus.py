@@ -49,7 +49,7 @@ def test_a_json_library_keeps_its_splits_and_a_text_file_is_all_three(tmp_path):
     ],
 )
 def test_bad_library_content_is_one_line_saying_what_to_do(tmp_path, splits, message):
-    with pytest.raises(PromptCorpusError, match="library.json") as error:
+    with pytest.raises(PromptCorpusError, match=r"library\.json") as error:
         load_prompt_corpus(write_library(tmp_path, **splits))
     assert message in str(error.value) and "\n" not in str(error.value)
 
@@ -62,7 +62,9 @@ def test_missing_keys_invalid_json_and_unreadable_files(tmp_path):
     path.write_text('{"train": ["a",]}')
     with pytest.raises(PromptCorpusError, match=r"is not valid JSON \(line 1, column"):
         load_prompt_corpus(path)
-    with pytest.raises(PromptCorpusError, match=r"missing.json cannot be read \(No such file or directory\); pass"):
+    with pytest.raises(
+        PromptCorpusError, match=r"missing.json cannot be read \(No such file or directory\); pass"
+    ):
         load_prompt_corpus(tmp_path / "missing.json")
     text = tmp_path / "prompts.txt"
     text.write_text("a cat\n\na dog\na cat\n")
@@ -89,7 +91,9 @@ def test_the_cache_computes_each_prompt_once_and_warns_about_long_prompts(tmp_pa
     assert first.computed == 2 and calls == [["a cat"], [long]]
     again = corpus_embeddings(["a dog", long, "a cat"], encoder, tmp_path, progress=False)
     assert again.computed == 1 and calls[-1] == ["a dog"]  # only the new prompt
-    assert torch.equal(again.embeddings[1], first.embeddings[1]) and torch.equal(again.embeddings[2], first.embeddings[0])
+    assert torch.equal(again.embeddings[1], first.embeddings[1]) and torch.equal(
+        again.embeddings[2], first.embeddings[0]
+    )
     assert corpus_embeddings(["a dog", long], encoder, tmp_path, progress=False).computed == 0
     assert len(calls) == 3
     assert torch.equal(first.embeddings[1], encoder.embed("one two three four five"))  # truncated to 5 words
@@ -125,14 +129,20 @@ def test_the_multi_object_prior_is_each_objects_own_prior():
     x_t, t = torch.randn(2, 3, 8, 8), torch.tensor([300, 700])
     views = cameras[[4, 20]]
     expected = own.predict_noise(x_t, t, views)
-    assert torch.allclose(joint.predict_noise(x_t, t, object_views(torch.tensor([1, 1]), views)), expected, atol=1e-5)
+    assert torch.allclose(
+        joint.predict_noise(x_t, t, object_views(torch.tensor([1, 1]), views)), expected, atol=1e-5
+    )
     weights = joint.mixture_weights(x_t, t, None)  # unconditional: every object's references
     assert weights.shape == (2, 3 * 36)
 
 
 def tiny_generator(**overrides) -> HyperINGP:
     encoding = HashGridConfig(n_levels=2, log2_hashmap_size=8, base_resolution=4, per_level_scale=2.0)
-    return HyperINGP(HyperINGPConfig(embedding_dim=6, hypernet_hidden=8, mlp_width=4, radius=1.0, encoding=encoding, **overrides))
+    return HyperINGP(
+        HyperINGPConfig(
+            embedding_dim=6, hypernet_hidden=8, mlp_width=4, radius=1.0, encoding=encoding, **overrides
+        )
+    )
 
 
 def test_hyper_ingp_predicts_the_decoders_from_the_embedding_and_starts_as_the_sphere():
@@ -152,7 +162,10 @@ def test_hyper_ingp_predicts_the_decoders_from_the_embedding_and_starts_as_the_s
     assert out_a.sdf.shape == (50,) and out_a.features.shape == (50, 3) and out_a.normal.shape == (50, 3)
     assert not torch.allclose(out_a.sdf, out_b.sdf)  # two prompts, two fields, one grid
     out_a.sdf.sum().backward()
-    assert generator.hypernet.layers[0].weight.grad.abs().sum() > 0 and generator.encoding.tables.grad.abs().sum() > 0
+    assert (
+        generator.hypernet.layers[0].weight.grad.abs().sum() > 0
+        and generator.encoding.tables.grad.abs().sum() > 0
+    )
     with pytest.raises(ValueError, match="expects one pooled embedding"):
         generator.condition(torch.randn(7))
     slot = FieldSlot(radius=2.0)
