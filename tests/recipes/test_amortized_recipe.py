@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_recipe_cli import final_state
+from tiny_models import tiny_sd_folder  # noqa: F401  (module-scoped fixture)
 
 from recipes.cli import main
 
@@ -33,6 +34,7 @@ def amortized_fit(run_dir: Path, *overrides: str) -> Path:
             str(run_dir),
             f"--model.corpus.path={CORPUS}",
             f"--model.corpus.cache_dir={run_dir.parent / 'cache'}",
+            "--dashboard.turntable=false",  # the test command renders the turntables
             *overrides,
         ]
     )
@@ -105,3 +107,31 @@ def test_the_closed_form_prior_refuses_a_train_prompt_it_has_no_object_for(tmp_p
                 f"--model.corpus.path={corpus}",
             ]
         )
+
+
+def test_a_text_corpus_trains_on_stable_diffusion_with_pooled_clip_embeddings(tiny_sd_folder, tmp_path):  # noqa: F811
+    """The GPU configs' path on a tiny random Stable Diffusion from a local folder: pooled CLIP embeddings for the
+    generator and every prompt's view-dependent embeddings for the UNet, both cached once; a prompt longer than the
+    tiny tokenizer's 16 (character) tokens is truncated with a warning."""
+    corpus = tmp_path / "prompts.txt"
+    long = "a very long prompt about a small wooden boat that floats on a calm lake under a clear blue sky at noon"
+    corpus.write_text(f"a cat\na dog\n{long}\n")
+    cache = tmp_path / "cache"
+    sd = [
+        f"--model.corpus.path={corpus}",
+        "--model.guidance.model=stable-diffusion",
+        f"--model.guidance.pretrained_model_name_or_path={tiny_sd_folder}",
+        "--model.guidance.image_resolution=16",
+        f"--model.prompt_options.cache_dir={cache}",
+        "--model.text_encoder.name=clip",
+        "--model.text_encoder.embedding_dim=32",
+        "--model.text_encoder.max_tokens=16",
+        "--model.scene.init_args.generator.init_args.config.embedding_dim=32",
+        "--trainer.max_steps=1",
+        "--trainer.val_check_interval=1",
+    ]
+    with pytest.warns(UserWarning, match=r"1 prompt\(s\) are longer than the 16 tokens"):
+        run_dir = amortized_fit(tmp_path / "sd", *sd)
+    assert json.loads((run_dir / "run.json").read_text())["steps"] == 1
+    files = list(cache.glob("*.pt"))
+    assert len(files) == 3 + 1 + 3 * 5  # 3 pooled, the negative, 3 prompts × (plain + 4 view directions)
