@@ -135,3 +135,20 @@ def test_a_text_corpus_trains_on_stable_diffusion_with_pooled_clip_embeddings(ti
     assert json.loads((run_dir / "run.json").read_text())["steps"] == 1
     files = list(cache.glob("*.pt"))
     assert len(files) == 3 + 1 + 3 * 5  # 3 pooled, the negative, 3 prompts × (plain + 4 view directions)
+
+
+@pytest.mark.parametrize(
+    ("config", "generator", "prompts_per_step"),
+    [
+        ("scaledreamer-mg15", "recipes.geometry.hyper_ingp.HyperINGP", 1),
+        ("scaledreamer-df415", "recipes.geometry.conv3d_generator.Conv3DGenerator", 1),
+        ("scaledreamer-cp100k", "recipes.geometry.conv3d_generator.Conv3DGenerator", 8),
+    ],
+)
+def test_the_scaledreamer_configs_parse(config, generator, prompts_per_step, capsys):
+    pytest.importorskip(generator.rsplit(".", 1)[0])  # the 3DConv-net comes from its own branch
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(CONFIGS / f"{config}.yaml"), "--print_config"])
+    printed = capsys.readouterr().out
+    assert f"class_path: {generator}" in printed and "method: asd" in printed and "window_size: 7" in printed
+    assert f"batch_size: {prompts_per_step}" in printed and "path: load/" in printed
