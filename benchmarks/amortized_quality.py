@@ -7,7 +7,7 @@ object's closed-form prior) three times through ``lightning-picard fit``, one th
 seed 0 and with seed 1 (``--trainer.strategy=auto``, the two at once), then with the config's Picard strategy on
 ``--devices`` processes. Prints, for each object, the novel-view PSNR of the 8 held-out views
 (``recipes.eval.novel_view_quality`` against that object's ground truth) for the sequential and the Picard run; the
-steps, Picard's rounds (T/rounds) and fit seconds; and the fidelity ratio: the distance of Picard's final parameters
+steps, Picard's rounds (T/rounds) and fit seconds (and the PSNR at the initialisation, the sphere every prompt starts as); and the fidelity ratio: the distance of Picard's final parameters
 to the sequential run's over the distance between the two sequential seeds (0: the sequential run itself; 1: as far
 as another seed). ``--reuse`` measures the runs already in ``--out``.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from recipes import demo
+from recipes.cli import CONFIG_NAME, RecipeCLI, run_config
 from recipes.data.procedural import held_out_cameras
 from recipes.data.procedural_set import object_of_caption
 from recipes.eval import novel_view_quality
@@ -51,8 +52,18 @@ def parameters(model: AmortizedTextTo3D) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.scene.parameters() if p.requires_grad])
 
 
+def initial_model(run_dir: Path) -> AmortizedTextTo3D:
+    """The module of ``run_dir`` before its first step (built from the run's config, no checkpoint)."""
+    model = RecipeCLI(
+        args=["-c", run_config(run_dir / CONFIG_NAME)], run=False, save_config_callback=None
+    ).model
+    model.scene.prepare_step(0)
+    return model.eval()
+
+
 def measure(runs: dict[str, Path]) -> dict[str, object]:
     models = {name: demo.load_run(run) for name, run in runs.items()}
+    models["init"] = initial_model(runs["sequential"])
     first = models["sequential"]
     height = first.guidance_config.closed_form.height
     cameras = held_out_cameras(height=height, width=height)
@@ -60,7 +71,7 @@ def measure(runs: dict[str, Path]) -> dict[str, object]:
     for index, caption in enumerate(first.corpus.train):
         truth = object_of_caption(caption).object
         row: dict[str, object] = {"object": caption}
-        for name in ("sequential", "picard"):
+        for name in ("init", "sequential", "picard"):
             model = models[name]
 
             def render(c, m=model, p=caption, i=index):
@@ -68,7 +79,7 @@ def measure(runs: dict[str, Path]) -> dict[str, object]:
 
             row[name] = novel_view_quality(render, cameras, truth).psnr
         per_object.append(row)
-    theta = {name: parameters(model) for name, model in models.items()}
+    theta = {name: parameters(models[name]) for name in runs}
     seed_distance = (theta["seed1"] - theta["sequential"]).norm().item()
     info = {name: json.loads((run / "run.json").read_text()) for name, run in runs.items()}
     return {
@@ -83,12 +94,18 @@ def measure(runs: dict[str, Path]) -> dict[str, object]:
 
 
 def table(summary: dict[str, object]) -> str:
-    lines = ["| object | sequential PSNR (dB) | Picard PSNR (dB) |", "|---|---|---|"]
+    lines = ["| object | init PSNR (dB) | sequential PSNR (dB) | Picard PSNR (dB) |", "|---|---|---|---|"]
     for row in summary["objects"]:
-        lines.append(f"| {row['object']} | {row['sequential']:.2f} | {row['picard']:.2f} |")
-    seq = sum(r["sequential"] for r in summary["objects"]) / len(summary["objects"])
-    pic = sum(r["picard"] for r in summary["objects"]) / len(summary["objects"])
-    lines.append(f"| **mean** | **{seq:.2f}** | **{pic:.2f}** |")
+        lines.append(
+            f"| {row['object']} | {row['init']:.2f} | {row['sequential']:.2f} | {row['picard']:.2f} |"
+        )
+    mean = {
+        k: sum(r[k] for r in summary["objects"]) / len(summary["objects"])
+        for k in ("init", "sequential", "picard")
+    }
+    lines.append(
+        f"| **mean** | **{mean['init']:.2f}** | **{mean['sequential']:.2f}** | **{mean['picard']:.2f}** |"
+    )
     seconds = summary["fit_seconds"]
     lines += [
         "",
