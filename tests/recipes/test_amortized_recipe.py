@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_recipe_cli import final_state
 from tiny_models import tiny_sd_folder  # noqa: F401  (module-scoped fixture)
 
@@ -138,17 +139,30 @@ def test_a_text_corpus_trains_on_stable_diffusion_with_pooled_clip_embeddings(ti
 
 
 @pytest.mark.parametrize(
-    ("config", "generator", "prompts_per_step"),
+    ("config", "generator"),
     [
-        ("scaledreamer-mg15", "recipes.geometry.hyper_ingp.HyperINGP", 1),
-        ("scaledreamer-df415", "recipes.geometry.conv3d_generator.Conv3DGenerator", 1),
-        ("scaledreamer-cp100k", "recipes.geometry.conv3d_generator.Conv3DGenerator", 8),
+        ("scaledreamer-mg15", "recipes.geometry.hyper_ingp.HyperINGP"),
+        ("scaledreamer-df415", "recipes.geometry.conv3d_generator.Conv3DGenerator"),
     ],
 )
-def test_the_scaledreamer_configs_parse(config, generator, prompts_per_step, capsys):
+def test_the_scaledreamer_configs_parse(config, generator, capsys):
     pytest.importorskip(generator.rsplit(".", 1)[0])  # the 3DConv-net comes from its own branch
     with pytest.raises(SystemExit):
         main(["fit", "-c", str(CONFIGS / f"{config}.yaml"), "--print_config"])
     printed = capsys.readouterr().out
     assert f"class_path: {generator}" in printed and "method: asd" in printed and "window_size: 7" in printed
-    assert f"batch_size: {prompts_per_step}" in printed and "path: load/" in printed
+    assert "batch_size: 1" in printed and "path: load/" in printed
+
+
+def test_the_100k_config_is_df415s_at_channel_multiplier_2_with_8_prompts_a_step():
+    df415, cp100k = (
+        yaml.safe_load((CONFIGS / f"scaledreamer-{n}.yaml").read_text()) for n in ("df415", "cp100k")
+    )
+    channels = [
+        g["model"]["init_args"]["scene"]["init_args"]["generator"]["init_args"]["config"]["channels"]
+        for g in (df415, cp100k)
+    ]
+    assert channels[1][3:] == [2 * c for c in channels[0][3:]] and channels[1][:3] == channels[0][:3]
+    assert cp100k["data"]["init_args"]["cameras"]["batch_size"] == 8
+    assert cp100k["model"]["init_args"]["corpus"]["path"] == "load/cap3d_100k_prompt_library.json"
+    assert cp100k["trainer"]["max_steps"] == 300_000
