@@ -9,7 +9,8 @@ seed 0 and with seed 1 (``--trainer.strategy=auto``, the two at once), then with
 (``recipes.eval.novel_view_quality`` against that object's ground truth) for the sequential and the Picard run; the
 steps, Picard's rounds (T/rounds) and fit seconds (and the PSNR at the initialisation, the sphere every prompt starts as); and the fidelity ratio: the distance of Picard's final parameters
 to the sequential run's over the distance between the two sequential seeds (0: the sequential run itself; 1: as far
-as another seed). ``--reuse`` measures the runs already in ``--out``.
+as another seed). ``--reuse`` measures the runs already in ``--out`` (and fits only what is missing); ``--threshold`` runs Picard at
+another threshold than the config's.
 """
 
 from __future__ import annotations
@@ -27,12 +28,19 @@ from recipes.data.procedural_set import object_of_caption
 from recipes.eval import novel_view_quality
 from recipes.system.amortized import AmortizedTextTo3D
 
+STRATEGY = "lightning_picard.PicardStrategy"
 CONFIG = Path(__file__).parents[1] / "recipes" / "configs" / "demo" / "amortized.yaml"
 
 
-def fit_all(config: Path, out: Path, devices: int, reuse: bool) -> dict[str, Path]:
-    """The three runs' folders (fitted unless ``reuse`` and present)."""
-    runs = {name: out / name for name in ("sequential", "seed1", "picard")}
+def fit_all(
+    config: Path, out: Path, devices: int, reuse: bool, threshold: str | None, tolerance: str | None
+) -> dict[str, Path]:
+    """The three runs' folders (fitted unless ``reuse`` and present). ``threshold`` replaces the config's Picard
+    threshold (run folder ``picard_threshold_<value>``); ``tolerance`` uses the step-relative rule at that tolerance
+    instead, window 7 (``picard_tolerance_<value>``)."""
+    picard = "picard" if threshold is None else f"picard_threshold_{threshold}"
+    picard = picard if tolerance is None else f"picard_tolerance_{tolerance}"
+    runs = {"sequential": out / "sequential", "seed1": out / "seed1", "picard": out / picard}
     cache = ["--model.corpus.cache_dir", str(out / "cache")]
     sequential = ["--trainer.strategy", "auto", "--trainer.devices", "1", *cache]
     pending = {
@@ -43,7 +51,12 @@ def fit_all(config: Path, out: Path, devices: int, reuse: bool) -> dict[str, Pat
     if pending:
         demo.fit_runs(config, {n: (runs[n], a) for n, a in pending.items()}, out)
     if not (reuse and (runs["picard"] / "run.json").exists()):
-        demo.fit_runs(config, {"picard": (runs["picard"], ["--trainer.devices", str(devices), *cache])}, out)
+        extra = [] if threshold is None else ["--trainer.strategy.init_args.threshold", threshold]
+        if tolerance is not None:
+            rule = {"window_size": 7, "tolerance": float(tolerance), "threshold": None, "ema_decay": None}
+            extra = ["--trainer.strategy", json.dumps({"class_path": STRATEGY, "init_args": rule})]
+        picard_args = ["--trainer.devices", str(devices), *cache, *extra]
+        demo.fit_runs(config, {runs["picard"].name: (runs["picard"], picard_args)}, out)
     return runs
 
 
@@ -124,10 +137,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/amortized_quality"))
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--reuse", action="store_true")
+    parser.add_argument("--threshold", default=None, help="Picard threshold instead of the config's")
+    parser.add_argument("--tolerance", default=None, help="the step-relative rule at this tolerance instead")
     args = parser.parse_args()
-    runs = fit_all(args.config, args.out, args.devices, args.reuse)
+    runs = fit_all(args.config, args.out, args.devices, args.reuse, args.threshold, args.tolerance)
     summary = measure(runs)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out / f"summary_{runs['picard'].name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(table(summary))
 
 
