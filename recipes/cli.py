@@ -269,7 +269,7 @@ def export(argv: list[str]) -> list[Path]:
     model.load_state_dict(checkpoint["state_dict"])
     run_dir = run_dir_of_checkpoint(known.ckpt_path)
     out = Path(known.out) if known.out else (run_dir or Path(known.ckpt_path).parent) / "export"
-    paths = model.scene.export_mesh(out / "mesh", model.mesh_resolution, model.texture_size)
+    paths = model.export(out)
     for path in paths:
         print(f"Wrote {path}", file=sys.stderr)
     return paths

@@ -193,7 +193,7 @@ class TextTo3D(pl.LightningModule):
             rank_zero_info(
                 f"Loading guidance: {self.guidance_config.model} ({self.distillation_config.method})"
             )
-            guidance = Guidance.load(self.guidance_config, self.prompt, device)
+            guidance = self.build_guidance(device)
             distiller = Distiller.build(
                 self.distillation_config, self.sds_config, guidance, self.particle, device
             )
@@ -204,6 +204,10 @@ class TextTo3D(pl.LightningModule):
                     self._pending_particle_state = {}
             self._guidance["distiller"] = distiller
         return self._guidance["distiller"]
+
+    def build_guidance(self, device: torch.device) -> Guidance:
+        """The guidance model on ``device`` with the prompt's embeddings (a subclass conditions it otherwise)."""
+        return Guidance.load(self.guidance_config, self.prompt, device)
 
     def on_fit_start(self) -> None:
         distiller = self.distiller  # load before the first step, not inside a timed slot
