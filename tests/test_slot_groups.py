@@ -19,18 +19,19 @@ BATCH = 4
 class ShardedRegression(pl.LightningModule):
     """A regression whose step draws its randomness for the whole batch, then keeps this rank's part."""
 
-    def __init__(self) -> None:
+    def __init__(self, record_to=None) -> None:
         super().__init__()
         torch.manual_seed(1234)
         self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-        self.parts: set[tuple[int, int]] = set()
+        self.record_to = record_to
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         noise = 0.05 * torch.randn(x.shape[0], 1)  # the whole batch's draw, from the step seed
         shard = lp.batch_shard(self.trainer)
-        self.parts.add(tuple(shard))
         part = shard.slice(x.shape[0])
+        if self.record_to is not None:
+            (self.record_to / f"rank{self.global_rank}").write_text(f"{shard.index} {shard.count} {part}")
         return (self.net(x[part]) + noise[part] - y[part]).square().mean()
 
     def configure_optimizers(self):
@@ -75,12 +76,15 @@ def test_batch_shard_outside_picard_and_uneven_batches():
 
 
 @pytest.mark.multiprocess
-def test_two_slots_of_two_ranks_equal_data_parallel_bit_for_bit_and_sequential_to_rounding():
+def test_two_slots_of_two_ranks_equal_data_parallel_bit_for_bit_and_sequential_to_rounding(tmp_path):
     """4 processes as 2 slots × 2 ranks at threshold 0 give the 2-rank data-parallel run (window 1) bit for bit:
     both average the same two parts of each batch with the same reduction. Against one process taking the whole
     batch they agree to rounding only: the mean over 4 items and the average of two means over 2 are the same
     number computed in another order."""
-    time_and_data, trainer = _fit(4, slot_group_size=2, tolerance=0)
+    time_and_data, trainer = _fit_module(ShardedRegression(tmp_path), 4, slot_group_size=2, tolerance=0)
+    parts = {rank: (tmp_path / f"rank{rank}").read_text() for rank in range(4)}
+    assert parts == {0: "0 2 slice(0, 2, None)", 1: "1 2 slice(2, 4, None)", 2: "0 2 slice(0, 2, None)",
+                     3: "1 2 slice(2, 4, None)"}  # fmt: skip
     data_parallel, _ = _fit(2, slot_group_size=2, window_size=1, tolerance=0)
     sequential, _ = _fit(1)
     assert trainer.callback_metrics["picard/rounds"].item() == STEPS

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from recipes.geometry.nerf import FieldOutput
@@ -65,8 +66,12 @@ class AmortizedGenerator(Protocol):
     noise_dim: int
     radius: float
 
-    def condition(self, embedding: Tensor, noise: Tensor | None = None) -> ConditionedField:
-        """The field of one prompt: ``embedding [D]`` (and ``noise [noise_dim]`` when ``noise_dim > 0``)."""
+    def condition(
+        self, embedding: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> ConditionedField:
+        """The field of one prompt: ``embedding [D]`` (and ``noise [noise_dim]`` when ``noise_dim > 0``);
+        ``generator`` is the batch item's own random stream, for any randomness inside the generator (the
+        3DConv-net's random per-voxel noise), so that a split batch draws what the whole batch draws."""
         ...
 
     def update_step(self, step: int) -> None:

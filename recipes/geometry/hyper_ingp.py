@@ -107,8 +107,11 @@ class HyperINGP(nn.Module):
         """The shared grid's progressive band mask for ``step``."""
         self.encoding.update_step(step)
 
-    def condition(self, embedding: Tensor, noise: Tensor | None = None) -> HyperINGPField:
-        """The field of the prompt with pooled embedding ``embedding [D]`` (``noise`` must be None)."""
+    def condition(
+        self, embedding: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> HyperINGPField:
+        """The field of the prompt with pooled embedding ``embedding [D]`` (``noise`` must be None; Hyper-iNGP
+        draws nothing, so ``generator`` is unused)."""
         if noise is not None and noise.numel() > 0:
             raise ValueError("Hyper-iNGP takes no noise (noise_dim is 0)")
         if embedding.shape != (self.embedding_dim,):

@@ -63,7 +63,11 @@ from recipes.system.nerf_scene import material_and_background
 from recipes.system.optimizer import AdamSettings
 from recipes.system.scene import Scene
 
-PROMPT_STREAM, NOISE_STREAM = 4, 5  # step streams beside TextTo3D's render (1), guidance (2) and particle (3)
+PROMPT_STREAM, NOISE_STREAM, GENERATOR_STREAM = (
+    4,
+    5,
+    6,
+)  # beside TextTo3D's render (1), guidance (2), particle (3)
 ITEM_STRIDE = 16  # item j of a step's batch draws from offsets ITEM_STRIDE·(j + 1) + stream
 
 
@@ -421,7 +425,9 @@ class AmortizedTextTo3D(TextTo3D):
         prompt = self.corpus.train[index]
         noise = self._noise(step_generator(offset=item_stream(NOISE_STREAM, item)))
         field = self.scene.amortized_generator.condition(
-            self.text_embeddings()[prompt].to(self.device), noise
+            self.text_embeddings()[prompt].to(self.device),
+            noise,
+            generator=step_generator(offset=item_stream(GENERATOR_STREAM, item)),
         )
         out = self.scene.render_field(
             field, cameras, generator=step_generator(offset=item_stream(RENDER_STREAM, item))
@@ -461,8 +467,10 @@ class AmortizedTextTo3D(TextTo3D):
 
     def eval_field(self, prompt: str, index: int) -> ConditionedField:
         """The field of ``prompt`` for rendering and export, with the fixed evaluation noise of its position."""
-        noise = self._noise(torch.Generator().manual_seed(self.seed * 1_000_003 + index))
-        return self.scene.amortized_generator.condition(self.text_embeddings()[prompt].to(self.device), noise)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        noise = self._noise(generator)
+        embedding = self.text_embeddings()[prompt].to(self.device)
+        return self.scene.amortized_generator.condition(embedding, noise, generator=generator)
 
     @torch.no_grad()
     def render_prompt(self, prompt: str, index: int, cameras: Cameras) -> Tensor:
