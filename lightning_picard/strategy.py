@@ -485,7 +485,8 @@ class PicardStrategy(DDPStrategy):
         of each slot group (all ranks with ``slot_group_size=1``)."""
         if self._window_group is None:
             return self.gather_rows(local, out)
-        dist.all_gather_into_tensor(out, local, group=self._window_group)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, local, group=self._window_group)
         return out
 
     def reduce_slot_rows(self, local: torch.Tensor) -> None:
