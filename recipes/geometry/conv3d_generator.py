@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recipes.geometry.mlp import MLP, MLPConfig
-from recipes.geometry.nerf import FieldOutput, axis_offsets
+from recipes.geometry.nerf import FieldOutput
+from recipes.geometry.sdf import sdf_field_output
 
 VoxelNoiseMode = Literal["const", "random", "none"]
 
@@ -426,25 +427,12 @@ class VoxelSDF(nn.Module):
 
     def forward(self, points: Tensor, with_normal: bool = True) -> FieldOutput:
         """SDF, its gradient, unit normals and features at points ``[N, 3]`` (the gradient is always computed)."""
-        if self.config.normal_type == "analytic":
-            outer_grad = torch.is_grad_enabled()
-            with torch.enable_grad():
-                if not points.requires_grad:
-                    points = points.detach().requires_grad_(True)
-                sdf, features = self._sdf_and_features(points)
-                (gradient,) = torch.autograd.grad(sdf.sum(), points, create_graph=outer_grad)
-            if not outer_grad:
-                sdf, features, gradient = sdf.detach(), features.detach(), gradient.detach()
-        else:
-            sdf, features = self._sdf_and_features(points)
-            eps = self.finite_difference_eps()
-            around = self.sdf(points[:, None, :] + axis_offsets(eps, points))  # [N, 6]
-            gradient = 0.5 * (around[:, 0::2] - around[:, 1::2]) / eps
-        return FieldOutput(
-            features=self.generator.feature_network(features),
-            sdf=sdf,
-            sdf_gradient=gradient,
-            normal=F.normalize(gradient, dim=-1),
+        return sdf_field_output(
+            points,
+            self._sdf_and_features,
+            self.generator.feature_network,
+            self.config.normal_type,
+            self.finite_difference_eps(),
         )
 
 

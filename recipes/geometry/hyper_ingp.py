@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from recipes.geometry.hashgrid import HashGridConfig, HashGridEncoding
-from recipes.geometry.nerf import FieldOutput, axis_offsets, points_to_unit_cube
+from recipes.geometry.nerf import FieldOutput, points_to_unit_cube
+from recipes.geometry.sdf import sdf_field_output
 
 
 @dataclass
@@ -152,15 +153,12 @@ class HyperINGPField:
         return self._sdf_and_encoding(points)[0]
 
     def __call__(self, points: Tensor, with_normal: bool = True) -> FieldOutput:
-        sdf, encoded = self._sdf_and_encoding(points)
-        eps = self.generator.config.finite_difference_eps
-        around = self.sdf(points[:, None, :] + axis_offsets(eps, points))  # [N, 6]
-        gradient = 0.5 * (around[:, 0::2] - around[:, 1::2]) / eps
-        return FieldOutput(
-            features=self._decode(encoded, "feature_hidden", "feature_out"),
-            sdf=sdf,
-            sdf_gradient=gradient,
-            normal=nn.functional.normalize(gradient, dim=-1),
+        return sdf_field_output(
+            points,
+            self._sdf_and_encoding,
+            lambda encoded: self._decode(encoded, "feature_hidden", "feature_out"),
+            "finite_difference",
+            self.generator.config.finite_difference_eps,
         )
 
 

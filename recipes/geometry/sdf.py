@@ -9,6 +9,7 @@ itself feeds the eikonal loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,6 +41,40 @@ class ImplicitSDFConfig:
         )
     )
     mlp: MLPConfig = field(default_factory=MLPConfig)
+
+
+def sdf_field_output(
+    points: Tensor,
+    sdf_and_hidden: Callable[[Tensor], tuple[Tensor, Tensor]],
+    decode_features: Callable[[Tensor], Tensor],
+    normal_type: Literal["analytic", "finite_difference"],
+    eps: float,
+) -> FieldOutput:
+    """An SDF field's output at points ``[N, 3]``: the SDF, its gradient (by autograd, or central differences of
+    step ``eps``: 6 more SDF queries a point), unit normals and the features decoded from the hidden values.
+
+    ``sdf_and_hidden(points)`` gives the signed distance ``[N]`` and the hidden values ``[N, H]`` the features are
+    decoded from; any SDF field (:class:`ImplicitSDF`, the amortized generators' fields) shares this.
+    """
+    if normal_type == "analytic":
+        outer_grad = torch.is_grad_enabled()
+        with torch.enable_grad():
+            if not points.requires_grad:
+                points = points.detach().requires_grad_(True)
+            sdf, hidden = sdf_and_hidden(points)
+            (gradient,) = torch.autograd.grad(sdf.sum(), points, create_graph=outer_grad)
+        if not outer_grad:
+            sdf, hidden, gradient = sdf.detach(), hidden.detach(), gradient.detach()
+    else:
+        sdf, hidden = sdf_and_hidden(points)
+        around = sdf_and_hidden(points[:, None, :] + axis_offsets(eps, points))[0]  # [N, 6]
+        gradient = 0.5 * (around[:, 0::2] - around[:, 1::2]) / eps
+    return FieldOutput(
+        features=decode_features(hidden),
+        sdf=sdf,
+        sdf_gradient=gradient,
+        normal=nn.functional.normalize(gradient, dim=-1),
+    )
 
 
 def eikonal_loss(sdf_gradient: Tensor) -> Tensor:
@@ -93,23 +128,10 @@ class ImplicitSDF(nn.Module):
 
     def forward(self, points: Tensor, with_normal: bool = True) -> FieldOutput:
         """SDF, its gradient, unit normals and features at points ``[N, 3]`` (the gradient is always computed)."""
-        if self.config.normal_type == "analytic":
-            outer_grad = torch.is_grad_enabled()
-            with torch.enable_grad():
-                if not points.requires_grad:
-                    points = points.detach().requires_grad_(True)
-                sdf, encoded = self._sdf_and_encoding(points)
-                (gradient,) = torch.autograd.grad(sdf.sum(), points, create_graph=outer_grad)
-            if not outer_grad:
-                sdf, encoded, gradient = sdf.detach(), encoded.detach(), gradient.detach()
-        else:
-            sdf, encoded = self._sdf_and_encoding(points)
-            eps = self.finite_difference_eps()
-            around = self.sdf(points[:, None, :] + axis_offsets(eps, points))  # [N, 6]
-            gradient = 0.5 * (around[:, 0::2] - around[:, 1::2]) / eps
-        return FieldOutput(
-            features=self.feature_network(encoded),
-            sdf=sdf,
-            sdf_gradient=gradient,
-            normal=nn.functional.normalize(gradient, dim=-1),
+        return sdf_field_output(
+            points,
+            self._sdf_and_encoding,
+            self.feature_network,
+            self.config.normal_type,
+            self.finite_difference_eps(),
         )
