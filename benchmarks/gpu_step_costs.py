@@ -192,7 +192,7 @@ RECIPES = {
         "prolificdreamer-coarse",
         vsd=True,
         paper="9 h 28 min → 2 h 13 min, 4.27× (Figure 1)",
-        speedup_name="prolificdreamer-vsd",
+        speedup_name="prolificdreamer-coarse",
     ),
     "dreamgaussian": Recipe(
         "sd-2.1-base",

@@ -4,8 +4,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speedup.py --recipes dreamgaussian asd --windows 2 8 --steps 60
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speedup.py --wall-clock --steps 50 --out /tmp/wall
 
-**Algorithmic mode** (the default). For each recipe's CPU-size config (``RECIPES``: the demo configs, DreamFusion's
-smoke config) it trains, in one process with one thread and a plain ``Trainer`` (no validation, no checkpoints),
+**Algorithmic mode** (the default). For each recipe's CPU-size config (``RECIPES``, ``--size``: by default the demo
+configs of the Gaussian recipes and the 16 × 16 smoke configs of the others) it trains, in one process with one thread and a plain ``Trainer`` (no validation, no checkpoints),
 two sequential runs (seed 0, the reference, and seed 1: other step seeds and cameras, the yardstick) and one Picard
 run per window P (``--windows``) and policy (``--policies``): ``window_size=P`` on one device evaluates the P slots
 of a round one after the other, which gives the rounds and results of P slots spread over P ranks. A ``harder``
@@ -72,17 +72,23 @@ CAMERAS = "--data.init_args.cameras"
 
 @dataclass
 class Recipe:
-    """A recipe's CPU-size config and the overrides of its harder setting."""
+    """A recipe's CPU-size configs (``demo``: the configs that learn the object; ``smoke``: tiny, 16 × 16) and the
+    overrides of its harder setting."""
 
-    config: Path
+    name: str
+    demo: str | None = None
     gaussians: bool = False
     harder: list[str] = field(default_factory=list)
 
+    def config(self, size: str) -> Path:
+        """The ``small`` size takes the demo config of Gaussian recipes (cheap) and the smoke config of the others."""
+        if size == "smoke" or (size == "small" and not self.gaussians) or self.demo is None:
+            return CONFIGS / "smoke" / f"{self.name}.yaml"
+        return CONFIGS / "demo" / f"{self.demo}.yaml"
 
-def _nerf_harder(lr: float) -> list[str]:
-    return [f"{SCENE}.optimizer.lr={3 * lr}", f"{CAMERAS}.batch_size=4"]
 
-
+NERF_HARDER = [f"{SCENE}.optimizer.lr=0.03", f"{CAMERAS}.batch_size=4"]
+"""Three times the field's learning rate (0.01 in every NeRF config here), batch 4."""
 GAUSSIAN_HARDER = [
     f"{SCENE}.learning_rates.spatial_lr_scale=90.0",
     f"{SCENE}.learning_rates.feature_lr=0.15",
@@ -90,23 +96,24 @@ GAUSSIAN_HARDER = [
     f"{SCENE}.densification.start_step=0",
     f"{CAMERAS}.batch_size=4",
 ]
+"""Three times the demo's position and colour learning rates, densification every 20 steps, batch 4."""
 
 RECIPES: dict[str, Recipe] = {
-    "dreamgaussian": Recipe(CONFIGS / "demo" / "dreamgaussian.yaml", gaussians=True, harder=GAUSSIAN_HARDER),
-    "dreamfusion": Recipe(CONFIGS / "smoke" / "dreamfusion.yaml", harder=_nerf_harder(0.01)),
-    "magic3d-coarse": Recipe(CONFIGS / "demo" / "magic3d-coarse.yaml", harder=_nerf_harder(0.01)),
-    "textmesh": Recipe(
-        CONFIGS / "demo" / "textmesh.yaml",
-        harder=[f"{SCENE}.optimizer.encoding_lr=0.03", f"{CAMERAS}.batch_size=4"],
-    ),
-    "asd": Recipe(CONFIGS / "demo" / "asd.yaml", harder=_nerf_harder(0.01)),
-    "prolificdreamer-vsd": Recipe(CONFIGS / "demo" / "prolificdreamer.yaml", harder=_nerf_harder(0.01)),
-    "zero123-nerf": Recipe(CONFIGS / "demo" / "zero123-nerf.yaml", harder=_nerf_harder(0.01)),
-    "zero123-gaussians": Recipe(
-        CONFIGS / "demo" / "zero123-gaussians.yaml", gaussians=True, harder=GAUSSIAN_HARDER
-    ),
+    r.name: r
+    for r in (
+        Recipe("dreamgaussian", "dreamgaussian", gaussians=True, harder=GAUSSIAN_HARDER),
+        Recipe("dreamfusion", harder=NERF_HARDER),
+        Recipe("magic3d-coarse", "magic3d-coarse", harder=NERF_HARDER),
+        Recipe(
+            "textmesh", "textmesh", harder=[f"{SCENE}.optimizer.encoding_lr=0.03", f"{CAMERAS}.batch_size=4"]
+        ),
+        Recipe("asd", "asd", harder=NERF_HARDER),
+        Recipe("prolificdreamer-coarse", "prolificdreamer", harder=NERF_HARDER),
+        Recipe("zero123-nerf", "zero123-nerf", harder=NERF_HARDER),
+        Recipe("zero123-gaussians", "zero123-gaussians", gaussians=True, harder=GAUSSIAN_HARDER),
+    )
 }
-"""``dreamfusion`` has no demo config: its smoke config (16 × 16, a smaller NeRF) stands for it."""
+"""``dreamfusion`` has no demo config; ``prolificdreamer-coarse`` is VSD (its demo config is demo/prolificdreamer.yaml)."""
 
 POLICIES = ("defaults", "paper")
 EXACT = "exact"
@@ -187,12 +194,18 @@ class Run:
 
 
 def fit(
-    recipe: Recipe, overrides: list[str], steps: int, run_dir: Path, window: int | None, policy: str | None
+    recipe: Recipe,
+    size: str,
+    overrides: list[str],
+    steps: int,
+    run_dir: Path,
+    window: int | None,
+    policy: str | None,
 ) -> Run:
     """Fit ``recipe`` for ``steps`` steps in this process: sequential if ``window`` is None, else Picard with
     ``window_size=window`` on one device under ``policy``."""
     cli = RecipeCLI(
-        args=["-c", str(recipe.config), *overrides, f"--data.init_args.num_steps={steps}"],
+        args=["-c", str(recipe.config(size)), *overrides, f"--data.init_args.num_steps={steps}"],
         run=False,
         save_config_callback=None,
     )
@@ -286,13 +299,14 @@ def measure_recipe(name: str, args: dict[str, Any]) -> list[dict]:
     rows = []
     for setting, (overrides, windows) in settings.items():
         folder = out / setting
-        seq = fit(recipe, overrides, args["steps"], folder / "sequential", None, None)
-        seed1 = fit(recipe, [*overrides, *SEED1], args["steps"], folder / "seed1", None, None)
+        size, steps = args["size"], args["steps"]
+        seq = fit(recipe, size, overrides, steps, folder / "sequential", None, None)
+        seed1 = fit(recipe, size, [*overrides, *SEED1], steps, folder / "seed1", None, None)
         rows.append(row(name, setting, "sequential", None, seq, seq, seed1))
         rows.append(row(name, setting, "sequential seed 1", None, seed1, seq, seed1))
         for policy in args["policies"]:
             for window in windows:
-                run = fit(recipe, overrides, args["steps"], folder / f"{policy}_P{window}", window, policy)
+                run = fit(recipe, size, overrides, steps, folder / f"{policy}_P{window}", window, policy)
                 rows.append(row(name, setting, policy, window, run, seq, seed1))
                 print(json.dumps(rows[-1], default=str), flush=True)
     return rows
@@ -359,7 +373,7 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 def algorithmic(args: argparse.Namespace) -> list[dict]:
     """The algorithmic mode: every recipe in a worker of its own (``--jobs`` at a time)."""
-    job = {k: getattr(args, k) for k in ("out", "steps", "windows", "harder_windows", "policies")}
+    job = {k: getattr(args, k) for k in ("out", "size", "steps", "windows", "harder_windows", "policies")}
     job["out"] = str(args.out)
     rows_by_recipe: dict[str, list[dict]] = {}
     if args.jobs == 1:
@@ -403,7 +417,7 @@ def wall_clock(args: argparse.Namespace) -> list[dict]:
     }
     rows = []
     for index, name in enumerate(args.recipes):
-        config = RECIPES[name].config
+        config = RECIPES[name].config(args.size)
         order = ["sequential", "picard"] if index % 2 == 0 else ["picard", "sequential"]
         result: dict[str, Any] = {"recipe": name, "order": " then ".join(order), "T": args.steps}
         for which in order:
@@ -449,6 +463,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument(
         "--steps", type=int, default=100, help="optimizer steps T of every run. Default is 100."
+    )
+    parser.add_argument(
+        "--size",
+        choices=("small", "demo", "smoke"),
+        default="small",
+        help="configs: demo, smoke, or small (demo for Gaussians, smoke for the others). Default is small.",
     )
     parser.add_argument("--jobs", type=int, default=1, help="recipes measured at once. Default is 1.")
     parser.add_argument("--wall-clock", action="store_true", help="sequential vs 2 CPU processes, timed")
