@@ -110,17 +110,14 @@ IF_I_XL_UNET = dict(
 """An IF-I-XL-sized stage-I UNet, reconstructed (IF's published config was not at hand): 3.57 B parameters against the
 model card's 4.3 B, so its step time is an estimate of IF-I-XL's, likely a little low."""
 
-ZERO123_UNET = dict(
-    sample_size=32,
-    in_channels=8,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=8,
-    cross_attention_dim=768,
-)
+ZERO123_UNET = {
+    **SD21_BASE_UNET,
+    "sample_size": 32,
+    "in_channels": 8,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "use_linear_projection": False,
+}
 """Zero-1-to-3 XL: an SD-1.x UNet whose input is the noisy latent and the input image's latent (8 channels)."""
 
 
