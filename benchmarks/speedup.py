@@ -17,8 +17,8 @@ the same way at ``--harder-windows``. Per run it reports:
 - novel-view PSNR/SSIM (``recipes.eval.novel_view_quality``, the 8 held-out views);
 - the fidelity ratio: ``‖θ(Picard) − θ(seq)‖² / ‖θ(seed 1) − θ(seq)‖²`` over the Picard-state parameters where
   the runs' parameter shapes agree (``fidelity_params``), and the same ratio over the held-out renders
-  (``fidelity_renders``; the only one for Gaussians, whose point sets differ). ``fidelity`` is the first where it
-  exists, else the second.
+  (``fidelity_renders``). ``fidelity`` is the renders' ratio for Gaussians (after densification their rows are
+  other points, even where the counts agree), the parameters' for the others.
 
 Policies: ``defaults`` is ``PicardStrategy(window_size=P)``'s own convergence policy; ``paper`` is DreamPropeller's
 rule: threshold 5e-4 on ‖Δθ‖²/D for Gaussian scenes and 5e-6 for the others, γ 0.9, median.
@@ -256,7 +256,8 @@ def parameter_ratio(picard: Run, sequential: Run, seed1: Run) -> float:
 
 
 def row(recipe: str, setting: str, policy: str, window: int | None, run: Run, seq: Run, seed1: Run) -> dict:
-    """One table row of ``run`` against the setting's sequential runs."""
+    """One table row of ``run`` against the setting's sequential runs. ``fidelity`` is the renders' ratio for
+    Gaussians (their rows need not be the same points even where the counts agree), else the parameters'."""
     thresholds = run.thresholds or [math.nan]
     params = parameter_ratio(run, seq, seed1) if window is not None else math.nan
     renders = fidelity_ratio(run.renders, seq.renders, seed1.renders) if window is not None else math.nan
@@ -280,7 +281,7 @@ def row(recipe: str, setting: str, policy: str, window: int | None, run: Run, se
         "psnr_within_seed_spread": abs(run.psnr - seq.psnr) <= abs(seed1.psnr - seq.psnr),
         "fidelity_params": params,
         "fidelity_renders": renders,
-        "fidelity": params if not math.isnan(params) else renders,
+        "fidelity": renders if RECIPES[recipe].gaussians or math.isnan(params) else params,
         "fit_seconds": run.seconds,
     }
 
