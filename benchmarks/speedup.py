@@ -287,11 +287,29 @@ def row(recipe: str, setting: str, policy: str, window: int | None, run: Run, se
 
 
 def measure_recipe(name: str, args: dict[str, Any]) -> list[dict]:
-    """Every run of one recipe (a worker's job): sequential pair and Picard runs, base and harder settings."""
+    """Every run of one recipe (a worker's job): sequential pair and Picard runs, base and harder settings.
+
+    One thread and quiet loggers while it runs; the caller's settings are restored afterwards (it may be a test)."""
+    threads = torch.get_num_threads()
+    loggers = {
+        name: logging.getLogger(name)
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning_picard")
+    }
+    levels = {name: logger.level for name, logger in loggers.items()}
     torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    for logger in ("lightning.pytorch", "lightning.fabric", "lightning_picard"):
-        logging.getLogger(logger).setLevel(logging.ERROR)
+    for logger in loggers.values():
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _measure_recipe(name, args)
+    finally:
+        torch.set_num_threads(threads)
+        for key, logger in loggers.items():
+            logger.setLevel(levels[key])
+
+
+def _measure_recipe(name: str, args: dict[str, Any]) -> list[dict]:
     recipe = RECIPES[name]
     out = Path(args["out"]) / name
     settings = {"base": ([], args["windows"])}
