@@ -8,6 +8,11 @@ to the sequential run over the seed-to-seed distance, on held-out renders). One 
     python benchmarks/demo_fidelity.py --out /tmp/demo_fidelity --tolerances 0.1 0.01 0.001 1e-5
     python benchmarks/demo_fidelity.py --variants densify --tolerances threshold:5e-4 1.0   # the paper's rule
     python benchmarks/demo_fidelity.py --tolerances --perturbations 1e-7 1e-5   # the sequential run's own floor
+    python benchmarks/demo_fidelity.py --variants --variant "lr/10=--model.init_args.scene.init_args.\
+learning_rates.spatial_lr_scale=3,--model.init_args.scene.init_args.densification.end_step=-1" --perturbations 1e-7
+
+``--variant NAME=OVERRIDE[,OVERRIDE…]`` adds a variant of the config (its own reference, seed-1, perturbed and Picard
+runs); ``--config`` runs another config than the demo's (one with ``scene.init_args.init.radius``).
 
 ``--perturbations e…`` adds sequential runs (seed 0, like the reference) whose initial Gaussians sit at radius
 ``0.6·(1 + e)`` instead of 0.6: a relative change of the initial positions of ``e`` (1e-7 is one or two float32
@@ -19,7 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
+
+import yaml
 
 from recipes import demo
 from recipes.data.procedural import held_out_cameras
@@ -39,14 +47,23 @@ def policy_arguments(tolerance: str) -> list[str]:
     return [f"{strategy}tolerance", tolerance]
 
 
-INIT_RADIUS = 0.6  # the demo config's scene.init.radius
+def initial_radius(config: Path) -> float:
+    """The config's ``scene.init_args.init.radius`` (the demo's is 0.6)."""
+    return float(
+        yaml.safe_load(config.read_text())["model"]["init_args"]["scene"]["init_args"]["init"]["radius"]
+    )
 
 
 def fit_all(
-    out: Path, variant: str, overrides: list[str], tolerances: list[str], perturbations: list[str] = ()
+    out: Path,
+    variant: str,
+    overrides: list[str],
+    tolerances: list[str],
+    perturbations: list[str] = (),
+    config: Path = demo.DEMO_CONFIG,
 ) -> dict[str, Path]:
     """Run what is missing under ``out/variant`` and return the run folders by name."""
-    folder = out / variant.replace(" ", "_")
+    folder = out / re.sub(r"[^A-Za-z0-9.]+", "_", variant)
     runs = {"sequential": folder / "sequential", "seed1": folder / "seed1"}
     runs |= {f"init x(1+{e})": folder / f"perturbed_{e}" for e in perturbations}
     runs |= {f"tolerance {t}": folder / f"tolerance_{t.replace(':', '_')}" for t in tolerances}
@@ -57,18 +74,19 @@ def fit_all(
     }
     radius = "--model.init_args.scene.init_args.init.radius"
     pending |= {
-        f"init x(1+{e})": [*sequential, radius, repr(INIT_RADIUS * (1 + float(e)))] for e in perturbations
+        f"init x(1+{e})": [*sequential, radius, repr(initial_radius(config) * (1 + float(e)))]
+        for e in perturbations
     }
     pending = {name: args for name, args in pending.items() if not (runs[name] / "run.json").exists()}
     names = list(pending)
     for first in range(0, len(names), 2):  # two one-thread runs at a time on this 2-core machine
         batch = {runs[n].name: (runs[n], pending[n]) for n in names[first : first + 2]}
-        demo.fit_runs(demo.DEMO_CONFIG, batch, folder)
+        demo.fit_runs(config, batch, folder)
     for t in tolerances:
         name = f"tolerance {t}"
         if not (runs[name] / "run.json").exists():
             args = ["--trainer.devices", "2", *policy_arguments(t), *overrides]
-            demo.fit_runs(demo.DEMO_CONFIG, {runs[name].name: (runs[name], args)}, folder)
+            demo.fit_runs(config, {runs[name].name: (runs[name], args)}, folder)
     return runs
 
 
@@ -101,12 +119,18 @@ def main() -> None:
     parser.add_argument(
         "--perturbations", nargs="*", default=[], help="relative changes of the initial radius"
     )
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variant", action="append", default=[], help="NAME=OVERRIDE[,OVERRIDE...]")
+    parser.add_argument("--config", type=Path, default=demo.DEMO_CONFIG, help="Default is the demo's config.")
     args = parser.parse_args()
+    variants = {name: VARIANTS[name] for name in args.variants}
+    for spec in args.variant:
+        name, _, overrides = spec.partition("=")
+        variants[name] = overrides.split(",")
     print("| variant | run | steps/round | fit s | PSNR (dB) | fidelity ratio | Gaussians |")
     print("|---|---|---|---|---|---|---|")
-    for variant in args.variants:
-        runs = fit_all(args.out, variant, VARIANTS[variant], args.tolerances, args.perturbations)
+    for variant, overrides in variants.items():
+        runs = fit_all(args.out, variant, overrides, args.tolerances, args.perturbations, args.config)
         for row in measure(runs):
             print(
                 f"| {variant} | {row['run']} | {row['steps_per_round']:.2f} | {row['fit_seconds']:.1f} | "

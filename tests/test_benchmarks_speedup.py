@@ -1,0 +1,61 @@
+"""benchmarks/speedup.py keeps working: DreamGaussian's demo config, P = 2, a few steps, both tables and the plot."""
+
+import csv
+import math
+
+import pytest
+
+from benchmarks import speedup
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speedup")
+    args = [
+        "--recipes",
+        "dreamgaussian",
+        "--windows",
+        "2",
+        "--harder-windows",
+        "--steps",
+        "4",
+        "--out",
+        str(out),
+    ]
+    rows = speedup.main([*args, "--policies", "defaults", "exact"])
+    return out, rows
+
+
+def test_table_has_every_column_and_row(result):
+    out, rows = result
+    assert [(r["policy"], r["P"]) for r in rows] == [
+        ("sequential", 1),
+        ("sequential seed 1", 1),
+        ("defaults", 2),
+        ("exact", 2),
+    ]
+    with (out / "speedup.csv").open() as file:
+        table = list(csv.DictReader(file))
+    assert tuple(table[0]) == speedup.COLUMNS
+    assert len(table) == 4
+    assert (out / "speedup.md").read_text().splitlines()[0].count("|") == len(speedup.COLUMNS) + 1
+    assert (out / "speedup.png").stat().st_size > 1000
+
+
+def test_values_are_sane(result):
+    _, rows = result
+    sequential, seed1, default, exact = rows
+    assert sequential["rounds"] == sequential["evaluations"] == 4
+    for run in (default, exact):
+        assert run["T"] == 4
+        assert 1.0 <= run["T/rounds"] <= 2.0  # at most P steps per round
+        assert run["rounds"] <= run["evaluations"] <= 2 * run["rounds"]  # at most P evaluations per round
+        assert 10.0 < run["psnr"] < 40.0
+        assert math.isfinite(run["fidelity_renders"]) and run["fidelity_renders"] >= 0.0
+        assert math.isfinite(run["fidelity_params"])  # no densification in 4 steps: the shapes agree
+        assert run["fidelity"] == run["fidelity_renders"]  # but Gaussians are compared by their renders
+    assert default["threshold_first"] == default["threshold_last"] == 0.1  # the default tolerance, fixed
+    assert sequential["psnr"] != seed1["psnr"]  # another seed is another run: the yardstick is not zero
+    # tolerance 0 is the sequential run bit for bit: every measure must say so
+    assert exact["fidelity_params"] == 0.0 and exact["fidelity_renders"] == 0.0
+    assert exact["psnr"] == sequential["psnr"] and exact["rounds"] == 4
