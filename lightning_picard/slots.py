@@ -1,6 +1,6 @@
 """Several window slots of one rank evaluated as one batch: what ``picard_training_step_slots`` receives.
 
-When a rank evaluates more than one slot a round (``window_size > world_size``), a module that implements
+When a rank evaluates more than one slot a round (more slots than slot groups), a module that implements
 ``picard_training_step_slots(slots)`` is handed all of them at once, so that it can run its expensive part (a
 diffusion model's noise prediction) once over every slot's inputs. Each :class:`PicardSlot` carries the slot's
 step, batch and ``batch_idx`` and its own copy of the Picard state: one leaf tensor per Picard parameter (the
