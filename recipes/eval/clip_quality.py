@@ -150,6 +150,21 @@ def r_precision(
     return values
 
 
+def clip_similarity(
+    image_embeddings: Sequence[Tensor], prompts: Sequence[str], text_embeddings: Tensor
+) -> list[float]:
+    """CLIP similarity per run: the cosine of each frame's embedding with its own prompt's, averaged over the run's
+    frames (ScaleDreamer's "CLIP similarity"); arguments as for :func:`r_precision`."""
+    distinct = list(dict.fromkeys(prompts))
+    if len(distinct) != len(text_embeddings):
+        raise ValueError(f"{len(text_embeddings)} text embeddings for {len(distinct)} distinct prompts")
+    texts = nn.functional.normalize(text_embeddings.float(), dim=-1)
+    return [
+        (nn.functional.normalize(frames.float(), dim=-1) @ texts[distinct.index(prompt)]).mean().item()
+        for frames, prompt in zip(image_embeddings, prompts, strict=True)
+    ]
+
+
 def clip_fid(
     features: ClipImageFeatures, reference: Tensor, generated: Tensor, batch_size: int = 16
 ) -> float:

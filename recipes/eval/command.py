@@ -1,6 +1,7 @@
 """``lightning-picard eval RUN_DIR… --clip MODEL [--reference-images FOLDER] [--out PREFIX]``.
 
-Measures CLIP R-Precision (over the prompts of the runs given) and, with reference images, CLIP-FID on each run's
+Measures CLIP R-Precision (recall@1 over the prompts of the runs given), CLIP similarity (each frame's cosine with its
+own prompt) and, with reference images, CLIP-FID on each run's
 turntable (``RUN/test/turntable-step*.mp4``, written by ``lightning-picard test`` or at the end of ``fit``), and
 writes ``PREFIX.csv`` and ``PREFIX.md`` (default ``PREFIX``: ``quality`` in the current folder).
 """
@@ -19,9 +20,17 @@ from pathlib import Path
 import yaml
 from torch import Tensor
 
-from recipes.eval.clip_quality import clip_fid, fmt, load_clip, r_precision, read_images, read_video
+from recipes.eval.clip_quality import (
+    clip_fid,
+    clip_similarity,
+    fmt,
+    load_clip,
+    r_precision,
+    read_images,
+    read_video,
+)
 
-COLUMNS = ("run", "prompt", "step", "frames", "clip_r_precision", "clip_fid")
+COLUMNS = ("run", "prompt", "step", "frames", "clip_r_precision", "clip_similarity", "clip_fid")
 
 
 @dataclass
@@ -74,16 +83,19 @@ def _prompt(run_dir: Path) -> str:
 def evaluate(
     run_dirs: list[str | Path], clip: str, reference_images: str | Path | None = None
 ) -> list[dict[str, object]]:
-    """One row per run (columns :data:`COLUMNS`) and a last row ``all`` (mean R-Precision, FID of all frames)."""
+    """One row per run (columns :data:`COLUMNS`) and a last row ``all`` (mean R-Precision and similarity, FID of all
+    frames)."""
     runs = [find_run(d) for d in run_dirs]  # every input checked before the model is loaded
     reference = read_images(reference_images) if reference_images is not None else None
     model = load_clip(clip)
     frames: list[Tensor] = [read_video(run.video) for run in runs]
     prompts = [run.prompt for run in runs]
     text = model.text_embeddings(list(dict.fromkeys(prompts)))
-    precision = r_precision([model.image_embeddings(f) for f in frames], prompts, text)
+    embeddings = [model.image_embeddings(f) for f in frames]
+    precision = r_precision(embeddings, prompts, text)
+    similarity = clip_similarity(embeddings, prompts, text)
     rows: list[dict[str, object]] = []
-    for run, run_frames, value in zip(runs, frames, precision, strict=True):
+    for run, run_frames, value, cosine in zip(runs, frames, precision, similarity, strict=True):
         fid = clip_fid(model.features, reference, run_frames) if reference is not None else math.nan
         rows.append(
             {
@@ -92,6 +104,7 @@ def evaluate(
                 "step": run.step,
                 "frames": len(run_frames),
                 "clip_r_precision": value,
+                "clip_similarity": cosine,
                 "clip_fid": fid,
             }
         )
@@ -107,6 +120,7 @@ def evaluate(
                 "step": "",
                 "frames": total,
                 "clip_r_precision": sum(p * len(f) for p, f in zip(precision, frames, strict=True)) / total,
+                "clip_similarity": sum(c * len(f) for c, f in zip(similarity, frames, strict=True)) / total,
                 "clip_fid": clip_fid(model.features, reference, everything)
                 if reference is not None
                 else math.nan,
@@ -126,7 +140,8 @@ def write_table(rows: list[dict[str, object]], prefix: str | Path, clip: str) ->
         for row in rows:
             writer.writerow({k: fmt(v) if isinstance(v, float) else v for k, v in row.items()})
     lines = [
-        f"CLIP: `{clip}`; R-Precision top-1 over the prompts of these runs; CLIP-FID against the reference images.",
+        f"CLIP: `{clip}`; R-Precision top-1 (recall@1) over the prompts of these runs; CLIP similarity: the mean "
+        "cosine of each frame with its own prompt; CLIP-FID against the reference images.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",

@@ -12,7 +12,14 @@ import torch
 from tiny_models import tiny_clip_tokenizer
 
 from recipes.cli import main
-from recipes.eval.clip_quality import ClipImageFeatures, clip_fid, load_clip, r_precision, read_video
+from recipes.eval.clip_quality import (
+    ClipImageFeatures,
+    clip_fid,
+    clip_similarity,
+    load_clip,
+    r_precision,
+    read_video,
+)
 from recipes.export.video import save_image, write_video
 
 
@@ -61,6 +68,14 @@ def test_r_precision_counts_frames_closest_to_their_own_prompt():
         r_precision([run_a], ["a"], text)
 
 
+def test_clip_similarity_is_the_mean_cosine_with_the_runs_own_prompt():
+    text = torch.eye(3, 4) * 2.0  # unnormalised on purpose
+    run_a = torch.tensor([[3.0, 0, 0, 0], [0.0, 1.0, 0, 0]])  # cosine 1 and 0 with a
+    run_c = torch.tensor([[0.0, 0, 1.0, 1.0]])  # cosine 1/√2 with c
+    values = clip_similarity([run_a, run_c], ["a", "c"], text[[0, 2]])
+    assert values == pytest.approx([0.5, 2**-0.5])
+
+
 def test_clip_fid_is_zero_for_the_same_images_and_grows_with_a_shift(tiny_clip):
     features = load_clip(str(tiny_clip)).features
     assert isinstance(features, ClipImageFeatures) and features.num_features == 16
@@ -86,13 +101,19 @@ def test_eval_writes_a_table_for_several_runs(tiny_clip, tmp_path, monkeypatch, 
         clip.text_embeddings(["a red apple", "a blue car"]),
     )
     assert [r["clip_r_precision"] for r in rows[:2]] == pytest.approx(expected)
+    similarity = clip_similarity(
+        [clip.image_embeddings(f) for f in frames],
+        ["a red apple", "a blue car"],
+        clip.text_embeddings(["a red apple", "a blue car"]),
+    )
+    assert [r["clip_similarity"] for r in rows] == pytest.approx([*similarity, sum(similarity) / 2])
     assert rows[0]["clip_fid"] == pytest.approx(0.0, abs=1e-2)  # the reference is run a's own frames
     assert rows[1]["clip_fid"] > rows[0]["clip_fid"]
     with (tmp_path / "quality.csv").open(newline="") as file:
         table = list(csv.DictReader(file))
     assert [t["prompt"] for t in table[:2]] == ["a red apple", "a blue car"]
     markdown = (tmp_path / "quality.md").read_text()
-    assert "| run | prompt | step | frames | clip_r_precision | clip_fid |" in markdown
+    assert "| run | prompt | step | frames | clip_r_precision | clip_similarity | clip_fid |" in markdown
     assert markdown in capsys.readouterr().out
 
 
