@@ -287,6 +287,32 @@ def test_two_nodes_of_two_processes_launched_by_lightning(sequential_reference, 
 
 
 @pytest.mark.slow
+def test_slot_groups_of_one_node_each_are_exact_across_two_torchrun_nodes(sequential_reference, tmp_path):
+    """2 nodes × 2 processes, slot_group_size 2: each node is a slot group (its in-group all-reduce stays on the node),
+    the window's gather crosses the nodes. The toy module takes the whole batch on both members, so their average is
+    the step's gradient exactly: bit-identical to the sequential run."""
+    program = [str(SCRIPT), str(tmp_path), "--devices", "2", "--window-size", "4", "--slot-group-size", "2"]
+    results = _run_nodes(_torchrun_two_processes, tmp_path, program)
+    assert [rc for rc, _ in results] == [0, 0], _describe(results)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(4)]
+    for rank, result in enumerate(ranks):
+        assert torch.equal(result["parameters"], sequential_reference), f"rank {rank} differs from sequential"
+    evaluated = [set(result["evaluated_steps"]) for result in ranks]
+    assert evaluated[0] == evaluated[1] and evaluated[2] == evaluated[3], (
+        "a group's members evaluate the same slots"
+    )
+    assert evaluated[0] | evaluated[2] == set(range(STEPS)) and 0 not in evaluated[2]
+
+
+def _torchrun_two_processes(
+    node: int, port: int, program: list[str], output: Path
+) -> tuple[list[str], dict[str, str]]:
+    command, environment = _torchrun(node, port, program, output)
+    command[command.index("--nproc-per-node") + 1] = "2"
+    return command, environment
+
+
+@pytest.mark.slow
 def test_the_recipe_command_on_two_torchrun_nodes_matches_the_sequential_run(tmp_path):
     """The documented ``torchrun … --no-python lightning-picard fit`` command, with the CPU smoke config."""
     command = Path(sys.executable).parent / "lightning-picard"

@@ -1,6 +1,7 @@
 """One node of a 2-node Picard fit on CPU; started by tests/test_multinode.py through a launcher.
 
-Usage: ``python picard_node.py OUTPUT_DIR [--devices N] [--window-size P] [--fail-at STEP] [--signal-at STEP]``
+Usage: ``python picard_node.py OUTPUT_DIR [--devices N] [--window-size P] [--slot-group-size G] [--fail-at STEP]
+[--signal-at STEP]``
 with the launcher's environment (``NODE_RANK``, or torchrun's or srun's variables). Each rank writes
 ``OUTPUT_DIR/rank<global rank>.pt`` with its final parameters, the steps it evaluated and the ranks and cluster
 environment Lightning gave it. ``--fail-at`` makes the last rank raise while evaluating that step (or any later one);
@@ -42,11 +43,17 @@ if __name__ == "__main__":
     parser.add_argument("output", type=Path)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--window-size", type=int, default=4)
+    parser.add_argument("--slot-group-size", type=int, default=1)
     parser.add_argument("--fail-at", type=int, default=None)
     parser.add_argument("--signal-at", type=int, default=None)
     args = parser.parse_args()
     module = Node(args.fail_at, args.signal_at)
-    strategy = lp.PicardStrategy(window_size=args.window_size, threshold=0.0, timeout=timedelta(seconds=60))
+    strategy = lp.PicardStrategy(
+        window_size=args.window_size,
+        threshold=0.0,
+        timeout=timedelta(seconds=60),
+        slot_group_size=args.slot_group_size,
+    )
     trainer = pl.Trainer(
         num_nodes=2,
         devices=args.devices,
