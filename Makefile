@@ -39,8 +39,9 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-demo: $(STAMP)
+demo: $(STAMP)  # the demo config (best quality, densification), then its faithful variant (fidelity <= 1%)
 	$(VENV)/bin/lightning-picard demo
+	$(VENV)/bin/lightning-picard demo --config recipes/configs/demo/dreamgaussian-faithful.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
