@@ -65,6 +65,8 @@ class PicardStrategy(DDPStrategy):
     guess, with the batch and the random seed of step ``τ + j``; one ``all_gather`` shares the gradients;
     every rank replays the user's optimizer from the anchor and slides the window past the steps whose
     guesses were within the threshold. There is no coordinator rank and no parameter broadcast after setup.
+    With ``slot_group_size=G``, slot ``j`` is evaluated by a group of G ranks that split its batch and average its
+    gradient (data-parallel × time-parallel).
 
     With ``tolerance=0`` (or ``threshold=0``) the final parameters equal sequential training (with the
     :class:`StepSeed` callback) bit for bit; with a positive tolerance, fewer rounds than steps are needed.
@@ -75,8 +77,8 @@ class PicardStrategy(DDPStrategy):
     paper's rule, ``‖θ′ − θ‖²/D`` against an adapted ``threshold``, is selected by passing ``threshold``.
 
     Args:
-        window_size: slots per round P; ``None`` means one slot per rank. May exceed the world size
-            (several slots per rank). Default is ``None``.
+        window_size: slots per round P; ``None`` means one slot per rank (per slot group with
+            ``slot_group_size``). May exceed that (several slots per rank). Default is ``None``.
         threshold: the paper's convergence rule: the initial threshold on ``‖θ′ − θ‖² / D`` (DreamPropeller's
             configs say 5e-6), adapted every round with ``ema_decay`` (0.9 unless given). ``0`` gives the
             sequential result exactly. Default is ``None`` (use ``tolerance``); pass either, not both.
