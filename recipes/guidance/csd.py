@@ -19,10 +19,9 @@ import torch
 
 from recipes.guidance.cfg import predict_guided_noise
 from recipes.guidance.denoiser import Denoiser
-from recipes.guidance.distillation import DistillationOutput, finalize_gradient, surrogate_loss
-from recipes.guidance.parameterization import add_noise
-from recipes.guidance.randomness import randn_like
-from recipes.guidance.schedules import ScalarSchedule, TimestepSchedule, Weighting, scalar_at, timestep_weight
+from recipes.guidance.distillation import DistillationOutput
+from recipes.guidance.schedules import ScalarSchedule, TimestepSchedule, Weighting
+from recipes.guidance.sds import noised_sample, weighted_distillation
 
 
 @dataclass
@@ -65,20 +64,13 @@ class ClassifierScoreDistillation:
         in the same order, as :class:`~recipes.guidance.sds.ScoreDistillationSampling`).
         """
         cfg = self.config
-        alphas_cumprod = self.denoiser.alphas_cumprod
-        t = cfg.timesteps.sample(
-            x.shape[0], global_step, self.denoiser.num_train_timesteps, x.device, generator
-        )
-        x0 = x.detach().float()
-        noise = randn_like(x0, generator)
+        sample = noised_sample(self.denoiser, cfg.timesteps, x, global_step, generator)
         with torch.no_grad():
-            x_t = add_noise(alphas_cumprod, x0, noise, t)
             # at s = 2 predict_guided_noise always runs the unconditional pass and gives ε_u + 2·d, with d = ε_c − ε_u
             # (or the Perp-Neg direction)
-            guided = predict_guided_noise(self.denoiser, x_t, t, condition, uncondition, 2.0)
+            guided = predict_guided_noise(self.denoiser, sample.x_t, sample.t, condition, uncondition, 2.0)
             assert guided.uncond is not None
             score = 0.5 * cfg.guidance_scale * (guided.guided.float() - guided.uncond.float())
-        weight = timestep_weight(cfg.weighting, alphas_cumprod, t).view(-1, *([1] * (x.dim() - 1)))
-        grad_clip = None if cfg.grad_clip is None else scalar_at(cfg.grad_clip, global_step)
-        grad = finalize_gradient(weight * score, grad_clip)
-        return DistillationOutput(loss=surrogate_loss(x, grad), grad=grad, t=t)
+        return weighted_distillation(
+            x, sample.t, score, self.denoiser, cfg.weighting, cfg.grad_clip, global_step
+        )

@@ -64,13 +64,7 @@ class ScoreDistillationSampling:
         self, x: torch.Tensor, *, global_step: int = 0, generator: torch.Generator | None = None
     ) -> NoisedSample:
         """Draw ``t`` and the noise (in that order, from ``generator``) and noise ``x`` to ``x_t``."""
-        t = self.config.timesteps.sample(
-            x.shape[0], global_step, self.denoiser.num_train_timesteps, x.device, generator
-        )
-        noise = randn_like(x.detach().float(), generator)
-        with torch.no_grad():
-            x_t = add_noise(self.denoiser.alphas_cumprod, x.detach().float(), noise, t)
-        return NoisedSample(x=x, t=t, noise=noise, x_t=x_t)
+        return noised_sample(self.denoiser, self.config.timesteps, x, global_step, generator)
 
     @torch.no_grad()
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, condition: Any, uncondition: Any) -> torch.Tensor:
@@ -84,12 +78,41 @@ class ScoreDistillationSampling:
     ) -> DistillationOutput:
         """The SDS gradient w(t)·(ε̂ − ε) of ``sample`` and its surrogate loss."""
         cfg = self.config
-        x, t = sample.x, sample.t
-        weight = timestep_weight(cfg.weighting, self.denoiser.alphas_cumprod, t)
-        weight = weight.view(-1, *([1] * (x.dim() - 1)))
-        grad_clip = None if cfg.grad_clip is None else scalar_at(cfg.grad_clip, global_step)
-        grad = finalize_gradient(weight * (eps_hat.float() - sample.noise), grad_clip)
-        return DistillationOutput(loss=surrogate_loss(x, grad), grad=grad, t=t)
+        direction = eps_hat.float() - sample.noise
+        return weighted_distillation(
+            sample.x, sample.t, direction, self.denoiser, cfg.weighting, cfg.grad_clip, global_step
+        )
+
+
+def noised_sample(
+    denoiser: Denoiser,
+    timesteps: TimestepSchedule,
+    x: torch.Tensor,
+    global_step: int,
+    generator: torch.Generator | None,
+) -> NoisedSample:
+    """Draw ``t`` and the noise (in that order, from ``generator``) and noise ``x`` to ``x_t`` (SDS and CSD)."""
+    t = timesteps.sample(x.shape[0], global_step, denoiser.num_train_timesteps, x.device, generator)
+    noise = randn_like(x.detach().float(), generator)
+    with torch.no_grad():
+        x_t = add_noise(denoiser.alphas_cumprod, x.detach().float(), noise, t)
+    return NoisedSample(x=x, t=t, noise=noise, x_t=x_t)
+
+
+def weighted_distillation(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    direction: torch.Tensor,
+    denoiser: Denoiser,
+    weighting: Weighting,
+    grad_clip: ScalarSchedule | None,
+    global_step: int,
+) -> DistillationOutput:
+    """The gradient w(t)·``direction`` (clamped by ``grad_clip`` at ``global_step``) and its surrogate loss."""
+    weight = timestep_weight(weighting, denoiser.alphas_cumprod, t).view(-1, *([1] * (x.dim() - 1)))
+    clip = None if grad_clip is None else scalar_at(grad_clip, global_step)
+    grad = finalize_gradient(weight * direction, clip)
+    return DistillationOutput(loss=surrogate_loss(x, grad), grad=grad, t=t)
 
 
 @dataclass
