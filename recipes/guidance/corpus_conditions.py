@@ -13,8 +13,6 @@ The amortized system renders one prompt at a time and asks :meth:`CorpusConditio
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +23,14 @@ from torch import Tensor
 
 from recipes.data.cameras import Cameras
 from recipes.guidance.multi_object import object_views
-from recipes.guidance.prompts import PromptConfig, PromptEmbeddings, TextEncoding, _cache_file
+from recipes.guidance.prompts import (
+    PromptConfig,
+    PromptEmbeddings,
+    TextEncoding,
+    _cache_file,
+    encoding_batches,
+    write_cached_embedding,
+)
 
 
 class CorpusConditions(Protocol):
@@ -70,18 +75,9 @@ def fill_text_cache(
         return 0
     encode = encoding.load()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    batches = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
-    if progress and len(batches) > 1:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="prompt embeddings", unit="batch")
-    for batch in batches:
+    for batch in encoding_batches(missing, batch_size, progress, "prompt embeddings"):
         for text, embedding in zip(batch, encode(batch)):
-            record = {"cache_key": encoding.cache_key, "text": text, "embedding": embedding.clone()}
-            handle, tmp_name = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-            os.close(handle)
-            torch.save(record, tmp_name)
-            os.replace(tmp_name, _cache_file(cache_dir, encoding.cache_key, text))
+            write_cached_embedding(cache_dir, encoding.cache_key, text, embedding)
     del encode
     return len(missing)
 

@@ -20,8 +20,6 @@ Two encoders:
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ from torch import Tensor
 
 from recipes.data.prompt_corpus import warn_long_prompts
 from recipes.guidance.loading import TorchDType, default_device, load_pretrained, resolve_dtype
-from recipes.guidance.prompts import DEFAULT_CACHE_DIR, _cache_file
+from recipes.guidance.prompts import DEFAULT_CACHE_DIR, _cache_file, encoding_batches, write_cached_embedding
 
 PooledEncodeFn = Callable[[list[str]], Tensor]
 
@@ -156,13 +154,6 @@ class CachedEmbeddings:
     computed: int
 
 
-def _write(path: Path, record: dict) -> None:
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    torch.save(record, tmp_name)
-    os.replace(tmp_name, path)
-
-
 def corpus_embeddings(
     prompts: list[str],
     encoder: PooledTextEncoder,
@@ -192,15 +183,10 @@ def corpus_embeddings(
         )
         encode = encoder.load()
         cache_dir.mkdir(parents=True, exist_ok=True)
-        batches = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
-        if progress and len(batches) > 1:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc="text embeddings", unit="batch")
-        for batch in batches:
+        for batch in encoding_batches(missing, batch_size, progress, "text embeddings"):
             embeddings = encode([prompts[i] for i in batch])
             for i, embedding in zip(batch, embeddings):
-                _write(files[i], {"cache_key": key, "text": prompts[i], "embedding": embedding.clone()})
+                write_cached_embedding(cache_dir, key, prompts[i], embedding)
         del encode
     embeddings = torch.stack([torch.load(file, weights_only=True)["embedding"] for file in files])
     if embeddings.shape[-1] != encoder.embedding_dim:

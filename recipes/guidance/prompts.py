@@ -24,7 +24,7 @@ import gc
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -218,6 +218,25 @@ def _cache_file(cache_dir: Path, cache_key: str, text: str) -> Path:
     return cache_dir / f"{digest}.pt"
 
 
+def write_cached_embedding(cache_dir: Path, cache_key: str, text: str, embedding: torch.Tensor) -> None:
+    """Write ``text``'s embedding into the cache (atomically: a reader never sees half a file)."""
+    record = {"cache_key": cache_key, "text": text, "embedding": embedding.clone()}
+    handle, tmp_name = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    os.close(handle)
+    torch.save(record, tmp_name)
+    os.replace(tmp_name, _cache_file(cache_dir, cache_key, text))
+
+
+def encoding_batches(items: list, batch_size: int, progress: bool, description: str) -> Iterable[list]:
+    """``items`` in batches of ``batch_size``, behind a progress bar when ``progress`` and there is more than one."""
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    if progress and len(batches) > 1:
+        from tqdm.auto import tqdm
+
+        return tqdm(batches, desc=description, unit="batch")
+    return batches
+
+
 def cached_text_embeddings(texts: list[str], encoding: TextEncoding, cache_dir: str | Path) -> torch.Tensor:
     """Embeddings [N, L, D] (float32, CPU) of ``texts``; the encoder is loaded only for cache misses
     and released before returning."""
@@ -233,11 +252,7 @@ def cached_text_embeddings(texts: list[str], encoding: TextEncoding, cache_dir: 
             torch.cuda.empty_cache()
         cache_dir.mkdir(parents=True, exist_ok=True)
         for text, embedding in zip(missing, embeddings):
-            record = {"cache_key": encoding.cache_key, "text": text, "embedding": embedding.clone()}
-            handle, tmp_name = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-            os.close(handle)
-            torch.save(record, tmp_name)
-            os.replace(tmp_name, _cache_file(cache_dir, encoding.cache_key, text))
+            write_cached_embedding(cache_dir, encoding.cache_key, text, embedding)
     return torch.stack([torch.load(file, weights_only=True)["embedding"] for file in files])
 
 
