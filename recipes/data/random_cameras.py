@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -240,12 +240,12 @@ class ResumableStepLoader(DataLoader):
 
     Args:
         dataset: item ``s`` is the whole batch of step ``s``.
-        next_step: the step the next batch is for (``trainer.global_step``; at a checkpoint, under Picard too, the
-            steps taken so far). Default is ``None``: step 0.
+        datamodule: the data module whose trainer's ``global_step`` is the step the next batch is for (at a
+            checkpoint, under Picard too, the steps taken so far). Default is ``None``: step 0.
     """
 
-    def __init__(self, dataset: Dataset[Cameras], next_step: Callable[[], int] | None = None) -> None:
-        self._next_step = next_step
+    def __init__(self, dataset: Dataset[Cameras], datamodule: pl.LightningDataModule | None = None) -> None:
+        self._datamodule = datamodule
         super().__init__(
             dataset,
             batch_size=None,
@@ -256,7 +256,8 @@ class ResumableStepLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         """``{"next_step": …}``: what Lightning saves in a checkpoint for this loader."""
-        return {"next_step": int(self._next_step()) if self._next_step is not None else 0}
+        trainer = self._datamodule.trainer if self._datamodule is not None else None
+        return {"next_step": trainer.global_step if trainer is not None else 0}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Start the next pass at the checkpoint's step (within the epoch of ``len(dataset)`` steps)."""
@@ -304,13 +305,7 @@ class RandomCameraDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableStepLoader(
-            RandomCameraDataset(self.config, self.seed, self.num_steps), self.next_step
-        )
-
-    def next_step(self) -> int:
-        """The step the next training batch is for: the trainer's ``global_step`` (0 without a trainer)."""
-        return self.trainer.global_step if self.trainer is not None else 0
+        return ResumableStepLoader(RandomCameraDataset(self.config, self.seed, self.num_steps), self)
 
     def val_dataloader(self) -> DataLoader:
         return step_indexed_loader(TurntableDataset(self._turntable(self.n_val_views)))

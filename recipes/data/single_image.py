@@ -340,11 +340,7 @@ class SingleImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableStepLoader(self.train_dataset(), self.next_step)
-
-    def next_step(self) -> int:
-        """The step the next training batch is for: the trainer's ``global_step`` (0 without a trainer)."""
-        return self.trainer.global_step if self.trainer is not None else 0
+        return ResumableStepLoader(self.train_dataset(), self)
 
     def val_dataloader(self) -> DataLoader:
         return step_indexed_loader(TurntableDataset(self._turntable(self.n_val_views)))

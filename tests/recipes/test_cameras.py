@@ -215,11 +215,13 @@ def test_single_image_datamodule_pairs_reference_view_with_step_cameras(tmp_path
 
 
 def test_the_training_loader_resumes_at_the_checkpoints_step():
+    from types import SimpleNamespace
+
     from recipes.data.random_cameras import RandomCameraConfig, RandomCameraDataset, ResumableStepLoader
 
     dataset = RandomCameraDataset(RandomCameraConfig(batch_size=2), seed=3, num_steps=6)
-    steps_taken = [4]
-    loader = ResumableStepLoader(dataset, next_step=lambda: steps_taken[0])
+    datamodule = SimpleNamespace(trainer=SimpleNamespace(global_step=4))
+    loader = ResumableStepLoader(dataset, datamodule)
     assert loader.state_dict() == {"next_step": 4}
     loader.load_state_dict({"next_step": 4})
     resumed = list(loader)
