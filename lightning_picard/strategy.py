@@ -501,12 +501,10 @@ class PicardStrategy(DDPStrategy):
 
     @override
     def _configure_launcher(self) -> None:
-        processes = self.num_processes * self.num_nodes
-        if processes % self.slot_group_size:
-            raise MisconfigurationException(
-                f"slot_group_size={self.slot_group_size} does not divide the {processes} processes: each window slot "
-                "is evaluated by a group of slot_group_size ranks, so devices × num_nodes must be a multiple of it."
-            )
+        try:  # refused here, in the launching process, before any process starts
+            SlotOwnership(self.num_processes * self.num_nodes, 0, 1, self.slot_group_size)
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from None
         self._environment_before_launch = {key: os.environ.get(key) for key in _LAUNCH_ENVIRONMENT}
         if self.num_processes == 1 and self.num_nodes == 1:
             # One rank needs no launcher: it runs in this process (forking after multi-threaded work can deadlock in
