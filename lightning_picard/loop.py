@@ -345,11 +345,7 @@ class PicardEpochLoop(TrainingEpochLoop):
                     )
                     # As Lightning: on_before_zero_grad, zero_grad, then backward unless training_step returned
                     # None (a step with no update: every gradient is None; the optimizer step and schedulers run).
-                    call_callback_hooks(trainer, "on_before_zero_grad", optimizer)
-                    call_lightning_module_hook(trainer, "on_before_zero_grad", optimizer)
-                    call_lightning_module_hook(
-                        trainer, "optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer
-                    )
+                    _zero_grad(trainer, optimizer, batch_idx)
                     if result.closure_loss is not None:
                         call_strategy_hook(trainer, "backward", result.closure_loss, optimizer)
                     else:
@@ -471,11 +467,7 @@ class PicardEpochLoop(TrainingEpochLoop):
                 ]
                 for slot, result in zip(batch, closures):
                     with slot.step_context():
-                        call_callback_hooks(trainer, "on_before_zero_grad", optimizer)
-                        call_lightning_module_hook(trainer, "on_before_zero_grad", optimizer)
-                        call_lightning_module_hook(
-                            trainer, "optimizer_zero_grad", trainer.current_epoch, slot.batch_idx, optimizer
-                        )
+                        _zero_grad(trainer, optimizer, slot.batch_idx)
                         if result.closure_loss is not None:
                             call_callback_hooks(trainer, "on_before_backward", result.closure_loss)
                             call_lightning_module_hook(trainer, "on_before_backward", result.closure_loss)
@@ -748,6 +740,14 @@ class PicardEpochLoop(TrainingEpochLoop):
 
 
 _ON_BAR = {"picard/steps_per_round"}
+
+
+def _zero_grad(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, batch_idx: int) -> None:
+    """What Lightning runs before a step's backward: ``on_before_zero_grad`` (callbacks, module), then the module's
+    ``optimizer_zero_grad``."""
+    call_callback_hooks(trainer, "on_before_zero_grad", optimizer)
+    call_lightning_module_hook(trainer, "on_before_zero_grad", optimizer)
+    call_lightning_module_hook(trainer, "optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer)
 
 
 def _recorder(logged: list[tuple[str, Any, int]]) -> Any:
