@@ -23,7 +23,7 @@ w(t)·(ε̂_pretrained − ε̂_particle) then compares the prior with the rende
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,13 @@ class PriorParticleConfig:
             0.01, 0.05, 0.1 and 0.2 on the 200-step CPU config (each reference is near the camera in about one step
             of nine, so it must follow the renders in few updates); no weight decay (it would pull the adapted
             references back to the prior's, which the LoRA's decay does not do to its base weights).
+        start: where a fresh fit's adapter starts. ``"prior"``: Δ = 0, the particle is the prior (LoRA's
+            ``B = 0``). ``"renders"``: Δ = the scene's renders from the reference cameras minus the references, so
+            the particle starts as the denoiser of what the scene renders now. On this prior the pretrained model
+            *is* the target distribution, so a particle that starts as the prior tells VSD the scene is already
+            right (at CFG 1 its gradient is 0 until Δ has followed the renders, which takes each reference about
+            20 updates); a stage that starts from a converted scene (ProlificDreamer's texture stage) then hardly
+            learns. Default is ``"prior"``.
     """
 
     camera_dropout: float = 0.1
@@ -59,6 +66,7 @@ class PriorParticleConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
     weight_decay: float = 0.0
+    start: Literal["prior", "renders"] = "prior"
 
 
 class ReferenceAdapter(nn.Module):
@@ -96,6 +104,18 @@ class PriorParticleScore:
     def lora_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters (the adapter), named after the LoRA they stand for."""
         return [self.adapter.delta]
+
+    def start_from(self, renders: Tensor) -> None:
+        """Set Δ so that the adapted references are ``renders [N, C, H, W]`` (the denoiser's space, one per
+        reference camera, in the references' order)."""
+        references = self.prior.references
+        if tuple(renders.shape) != tuple(references.shape):
+            raise ValueError(
+                f"start_from needs one render per reference, {tuple(references.shape)}, got {tuple(renders.shape)}"
+            )
+        with torch.no_grad():
+            delta = renders.to(references) - references
+            self.adapter.delta.copy_(delta.to(self.adapter.delta))
 
     def predict_noise(self, x_t: Tensor, t: Tensor, condition: ParticleCondition | None) -> Tensor:
         """ε̂ of the closed-form denoiser of the adapted references (differentiable in the adapter)."""

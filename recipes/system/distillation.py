@@ -21,6 +21,7 @@ rejected) makes it Picard state like the 3D parameters, in the main optimizer, g
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -216,6 +217,21 @@ class Distiller:
             return None
         weight = scalar_at(self.config.particle.weight, global_step)
         return weight * self.particle.lora_loss(x, self.particle_condition(cameras), generator)
+
+    def start_particle(self, render: Callable[[Cameras], Tensor]) -> bool:
+        """Start the closed-form prior's particle at the scene's renders (``particle.prior.start: renders``):
+        ``render(cameras)`` gives RGB ``[N, H, W, 3]`` in [0, 1] from the reference cameras. Returns whether it
+        did (False for SDS/ASD/CSD, a LoRA particle, or ``start: prior``)."""
+        particle = self.particle
+        if not isinstance(particle, PriorParticleScore) or particle.config.start != "renders":
+            return False
+        from recipes.data.procedural import reference_cameras
+
+        height = self.guidance.config.closed_form.height
+        with torch.no_grad():
+            renders = self.guidance.encode(render(reference_cameras(height=height, width=height)))
+        particle.start_from(renders)
+        return True
 
     def particle_optimizer(self) -> torch.optim.Optimizer | None:
         """The particle's own AdamW (rank-local placement), or None."""

@@ -211,11 +211,18 @@ class TextTo3D(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         distiller = self.distiller  # load before the first step, not inside a timed slot
+        if self.trainer.ckpt_path is None and self.global_step == 0:  # a resumed fit restores its particle
+            distiller.start_particle(self._render_first_step)
         if self._particle_placement() == "rank_local":
             self._particle_optimizer = distiller.particle_optimizer()
             if self._pending_particle_optimizer is not None:
                 self._particle_optimizer.load_state_dict(self._pending_particle_optimizer)
                 self._pending_particle_optimizer = None
+
+    def _render_first_step(self, cameras: Cameras) -> Tensor:
+        """The scene as step 0 sees it, rendered from ``cameras`` in evaluation mode."""
+        self.scene.prepare_step(0)
+        return self.render_views(cameras)
 
     def _particle_placement(self) -> str | None:
         if self.distillation_config.method != "vsd":

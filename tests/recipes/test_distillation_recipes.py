@@ -174,6 +174,60 @@ def test_the_prior_particle_starts_as_the_prior_and_learns_the_renders():
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
 
 
+def test_a_particle_started_from_renders_is_the_denoiser_of_those_renders():
+    from recipes.guidance.closed_form import ClosedFormPrior
+    from recipes.guidance.lora import ParticleCondition
+
+    prior = ClosedFormPrior.from_procedural_object(height=8)
+    particle = PriorParticleScore(
+        prior, ReferenceAdapter(tuple(prior.references.shape)), PriorParticleConfig()
+    )
+    renders = torch.rand(prior.references.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    particle.start_from(renders)
+    of_renders = ClosedFormPrior(renders, prior.reference_directions, sigma_deg=prior.sigma_deg)
+    x_t, t = torch.randn(3, 3, 8, 8), torch.tensor([50, 400, 900])
+    views = torch.eye(4).repeat(3, 1, 1)
+    for condition, views_or_none in ((ParticleCondition(None, views.reshape(3, 16)), views), (None, None)):
+        assert torch.allclose(
+            particle.predict_noise(x_t, t, condition),
+            of_renders.predict_noise(x_t, t, views_or_none),
+            atol=1e-4,
+        )
+    with pytest.raises(ValueError, match="one render per reference"):
+        particle.start_from(renders[:-1])
+
+
+def test_the_system_starts_the_particle_from_its_scene_before_the_first_step(tmp_path):
+    """``particle.prior.start: renders``: at ``on_fit_start`` of a fresh fit the adapter is set so that the adapted
+    references are the scene's renders from the reference cameras; ``prior`` (the default) leaves it at zero."""
+    import lightning.pytorch as pl
+
+    from recipes.cli import RecipeCLI
+    from recipes.data.procedural import reference_cameras
+
+    def model_with(start: str):
+        model = RecipeCLI(
+            args=[
+                "-c",
+                str(SMOKE / "prolificdreamer-coarse.yaml"),
+                f"--model.init_args.distillation.particle.prior.start={start}",
+            ],
+            run=False,
+            save_config_callback=None,
+        ).model
+        model.trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+        model.on_fit_start()
+        return model
+
+    assert model_with("prior").particle.delta.abs().sum() == 0
+    model = model_with("renders")
+    height = model.guidance_config.closed_form.height
+    renders = model.render_views(reference_cameras(height=height, width=height)).permute(0, 3, 1, 2) * 2 - 1
+    references = model.distiller.particle.prior.references
+    assert torch.allclose(references + model.particle.delta, renders, atol=1e-6)
+    assert model.particle.delta.abs().sum() > 0
+
+
 def test_a_particle_adapter_of_another_size_is_refused():
     from recipes.guidance.closed_form import ClosedFormPrior
 
