@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_recipe_cli import final_state
+from test_recipe_cli import assert_close_but_for_adam_rounding, final_state
 from tiny_models import tiny_sd_folder  # noqa: F401  (module-scoped fixture)
 
 from recipes.cli import main
@@ -234,7 +234,8 @@ def test_two_slots_of_two_ranks_equal_two_rank_data_parallel_bit_for_bit(sequent
     """4 gloo processes, 2 slots × 2 ranks (each rank renders one of a step's 2 prompts), at threshold 0: equal
     to the 2-rank data-parallel run (window 1) bit for bit, and to the one-process run to rounding (a mean of 2
     prompts' losses against the average of two 1-prompt means; Adam turns a rounding difference in a near-zero
-    gradient into up to a step's difference, here at most 2e-5 after 4 steps)."""
+    gradient into up to a step's difference: on an Intel Xeon all within 2e-5 after 4 steps, on an AMD EPYC 2 of
+    8192 hash entries 7.6e-4 apart)."""
     time_and_data = amortized_fit(tmp_path / "dp-tp", "--trainer.devices=4", *SLOT_GROUPS)
     data_parallel = amortized_fit(
         tmp_path / "dp", "--trainer.devices=2", *SLOT_GROUPS, "--trainer.strategy.window_size=1"
@@ -247,4 +248,6 @@ def test_two_slots_of_two_ranks_equal_two_rank_data_parallel_bit_for_bit(sequent
     assert json.loads((time_and_data / "run.json").read_text())["world_size"] == 4
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
-        torch.testing.assert_close(ours[name], sequential_state[name], rtol=1e-3, atol=1e-4)
+        assert_close_but_for_adam_rounding(
+            ours[name], sequential_state[name], 1e-4, lr=0.01, steps=4, name=name
+        )

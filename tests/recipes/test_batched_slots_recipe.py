@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_recipe_cli import final_state, one_thread_fit
+from test_recipe_cli import assert_close_but_for_adam_rounding, final_state, one_thread_fit
 from tiny_models import tiny_sd_folder  # noqa: F401  (module-scoped fixture)
 
 from recipes.cli import main
@@ -25,11 +25,15 @@ WINDOW_4_EXACT = [
 ]
 
 
-def assert_runs_close(batched: Path, one_by_one: Path, tolerance: float) -> None:
+def assert_runs_close(batched: Path, one_by_one: Path, tolerance: float, steps: int) -> None:
+    """Equal to ``tolerance`` but for Adam's rounding amplification (lr 0.01 in the smoke configs)."""
     ours, theirs = final_state(batched), final_state(one_by_one)
     assert ours.keys() == theirs.keys()
     for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=tolerance, atol=tolerance, msg=name)
+        assert ours[name].shape == theirs[name].shape, name
+        assert_close_but_for_adam_rounding(
+            ours[name], theirs[name], tolerance, lr=0.01, steps=steps, name=name
+        )
 
 
 @pytest.mark.parametrize(("recipe", "steps"), [("dreamgaussian", 4), ("dreamfusion", 3)])
@@ -37,7 +41,7 @@ def test_batched_slots_match_one_by_one(recipe, steps, tmp_path):
     overrides = [*WINDOW_4_EXACT, f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
     one_by_one = one_thread_fit(recipe, tmp_path / "one-by-one", *overrides)
     batched = one_thread_fit(recipe, tmp_path / "batched", *overrides, "--model.batched_slots=true")
-    assert_runs_close(batched, one_by_one, 1e-4)
+    assert_runs_close(batched, one_by_one, 1e-4, steps)
     if recipe == "dreamgaussian":  # through a densification, step outputs included
         assert final_state(batched)["scene.gaussians.means"].shape[0] != 40
 
@@ -56,7 +60,7 @@ def test_batched_slots_with_text_conditions_match_one_by_one(tiny_sd_folder, tmp
     ]
     one_by_one = one_thread_fit("dreamfusion", tmp_path / "one-by-one", *overrides)
     batched = one_thread_fit("dreamfusion", tmp_path / "batched", *overrides, "--model.batched_slots=true")
-    assert_runs_close(batched, one_by_one, 1e-4)
+    assert_runs_close(batched, one_by_one, 1e-4, steps=2)
 
 
 def test_batched_slots_refuse_other_distillations(tmp_path):

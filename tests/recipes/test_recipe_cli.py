@@ -36,6 +36,24 @@ def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     ]
 
 
+def assert_close_but_for_adam_rounding(
+    ours: torch.Tensor, theirs: torch.Tensor, tolerance: float, lr: float, steps: int, name: str = ""
+) -> None:
+    """``ours`` equals ``theirs`` to ``tolerance`` except in at most 0.1% of the elements, which may differ by up to
+    ``steps`` Adam steps (``lr`` each).
+
+    Two runs that round differently (another batch split, another CPU's kernels) differ by rounding in every
+    gradient; where a gradient is itself at rounding level (a hash-table entry that no sample touched but through
+    an interpolation weight near 0), Adam's normalisation ``m / (√v + ε)`` with ε = 1e-15 turns that rounding
+    difference into up to a whole step. Measured: 2 of 8192 hash entries 7.6e-4 apart after 3–4 steps at lr 0.01
+    on an AMD EPYC CPU, all others within 2e-5.
+    """
+    difference = (ours.double() - theirs.double()).abs()
+    assert difference.max() <= steps * lr * (1 + 1e-6), (name, float(difference.max()))
+    outside = int((difference > tolerance + tolerance * theirs.double().abs()).sum())
+    assert outside <= max(1, ours.numel() // 1000), (name, outside, ours.numel())
+
+
 def one_thread_fit(recipe: str, run_dir: Path, *overrides: str) -> Path:
     """:func:`fit` on one thread, like each Picard process: CPU kernels may round differently with another thread
     count."""
