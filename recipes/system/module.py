@@ -158,9 +158,12 @@ class TextTo3D(pl.LightningModule):
             self.check_data(getattr(self.trainer, "datamodule", None))
             if self.trainer.ckpt_path is None:  # a resumed fit restores its own state
                 self.start_from_previous_stage()
-            # VSD's particle trainables must exist before the optimizers and the Picard state are set up
+            # VSD's particle trainables must exist (and a fresh fit's particle be started) before the optimizers
+            # and the Picard state are set up
             if self.distillation_config.method == "vsd":
-                self.load_distiller(self.trainer.strategy.root_device)
+                distiller = self.load_distiller(self.trainer.strategy.root_device)
+                if self.trainer.ckpt_path is None:  # a resumed fit restores its particle
+                    distiller.start_particle(self._render_first_step)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """:class:`~lightning_picard.StepSeed` in sequential runs, and a bar that counts steps (and rounds)."""
@@ -211,8 +214,6 @@ class TextTo3D(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         distiller = self.distiller  # load before the first step, not inside a timed slot
-        if self.trainer.ckpt_path is None and self.global_step == 0:  # a resumed fit restores its particle
-            distiller.start_particle(self._render_first_step)
         if self._particle_placement() == "rank_local":
             self._particle_optimizer = distiller.particle_optimizer()
             if self._pending_particle_optimizer is not None:
