@@ -3,7 +3,8 @@
 Losses (:class:`ScoreDistillationSampling`, :class:`AsynchronousScoreDistillation`,
 :class:`ClassifierScoreDistillation`, :class:`VariationalScoreDistillation`) take any :class:`Denoiser`: Stable Diffusion, DeepFloyd IF,
 Zero-1-to-3 or the weight-free closed-form prior (``recipes.guidance.closed_form``). CFG follows
-diffusers' convention ε_u + s·(ε_c − ε_u) everywhere (see :mod:`recipes.guidance.cfg`).
+diffusers' convention ε_u + s·(ε_c − ε_u) everywhere (see :mod:`recipes.guidance.cfg`). SDS, ASD and CSD share
+one base, :class:`ScoreDistillation`, and hold only their own math.
 
 Importing this package imports neither diffusers nor transformers nor peft; the model wrappers import
 them when a model is loaded.
@@ -20,7 +21,7 @@ from recipes.guidance.cfg import (
 from recipes.guidance.csd import ClassifierScoreDistillation, CSDConfig
 from recipes.guidance.deepfloyd_if import DeepFloydIFConfig, DeepFloydIFDenoiser
 from recipes.guidance.denoiser import Denoiser
-from recipes.guidance.distillation import DistillationOutput
+from recipes.guidance.distillation import DistillationOutput, ScoreDistillation
 from recipes.guidance.loading import GuidanceModelNotFoundError
 from recipes.guidance.lora import LoRAParticleConfig, LoRAParticleScore, ParticleCondition
 from recipes.guidance.prompts import (
@@ -57,6 +58,7 @@ __all__ = [
     "PromptEmbeddings",
     "ReferenceViewLosses",
     "SDSConfig",
+    "ScoreDistillation",
     "ScoreDistillationSampling",
     "StableDiffusionConfig",
     "StableDiffusionDenoiser",

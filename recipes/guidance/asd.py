@@ -13,11 +13,10 @@ from typing import Any
 import torch
 
 from recipes.guidance.cfg import positive_condition, predict_guided_noise
-from recipes.guidance.denoiser import Denoiser
-from recipes.guidance.distillation import DistillationOutput, finalize_gradient, surrogate_loss
+from recipes.guidance.distillation import NoisedSample, ScoreDistillation
 from recipes.guidance.parameterization import add_noise
 from recipes.guidance.randomness import rand, randn_like
-from recipes.guidance.schedules import ScalarSchedule, TimestepSchedule, Weighting, scalar_at, timestep_weight
+from recipes.guidance.schedules import ScalarSchedule, TimestepSchedule, Weighting
 
 
 @dataclass
@@ -42,12 +41,23 @@ class ASDConfig:
     grad_clip: ScalarSchedule | None = None
 
 
-class AsynchronousScoreDistillation:
-    """ASD on any :class:`Denoiser`; ``x`` lives in the denoiser's space."""
+@dataclass
+class ShiftedSample(NoisedSample):
+    """ASD's sample: SDS's, plus the shifted timesteps and the same noise at them.
 
-    def __init__(self, denoiser: Denoiser, config: ASDConfig | None = None) -> None:
-        self.denoiser = denoiser
-        self.config = config or ASDConfig()
+    Attributes:
+        t_shifted: t + Δt ``[B]``.
+        x_t_shifted: ``x`` noised at ``t_shifted`` with the same noise (float32, detached).
+    """
+
+    t_shifted: torch.Tensor
+    x_t_shifted: torch.Tensor
+
+
+class AsynchronousScoreDistillation(ScoreDistillation[ASDConfig]):
+    """ASD on any :class:`~recipes.guidance.denoiser.Denoiser`; ``x`` lives in the denoiser's space."""
+
+    config_class = ASDConfig
 
     def shifted_timesteps(
         self, t: torch.Tensor, global_step: int, generator: torch.Generator | None = None
@@ -62,37 +72,28 @@ class AsynchronousScoreDistillation:
             max_shift = max_shift * rand(tuple(t.shape), t.device, generator)
         return (t + max_shift.floor().long()).clamp(1, num_train_timesteps - 1)
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        condition: Any,
-        uncondition: Any = None,
-        *,
-        global_step: int = 0,
-        generator: torch.Generator | None = None,
-    ) -> DistillationOutput:
-        """Distill into ``x`` ([B, …], differentiable); t, Δt and ε come from ``generator`` or the global RNG."""
-        cfg = self.config
+    def noised(
+        self, x: torch.Tensor, *, global_step: int = 0, generator: torch.Generator | None = None
+    ) -> ShiftedSample:
+        """Draw t, Δt and the noise (in that order, from ``generator``) and noise ``x`` at t and at t + Δt."""
         alphas_cumprod = self.denoiser.alphas_cumprod
-        t = cfg.timesteps.sample(
+        t = self.config.timesteps.sample(
             x.shape[0], global_step, self.denoiser.num_train_timesteps, x.device, generator
         )
         t_shifted = self.shifted_timesteps(t, global_step, generator)
         x0 = x.detach().float()
         noise = randn_like(x0, generator)
         with torch.no_grad():
-            eps_first = predict_guided_noise(
-                self.denoiser,
-                add_noise(alphas_cumprod, x0, noise, t),
-                t,
-                condition,
-                uncondition,
-                cfg.guidance_scale,
-            ).guided
-            eps_second = self.denoiser.predict_noise(
-                add_noise(alphas_cumprod, x0, noise, t_shifted), t_shifted, positive_condition(condition)
-            )
-        weight = timestep_weight(cfg.weighting, alphas_cumprod, t).view(-1, *([1] * (x.dim() - 1)))
-        grad_clip = None if cfg.grad_clip is None else scalar_at(cfg.grad_clip, global_step)
-        grad = finalize_gradient(weight * (eps_first.float() - eps_second.float()), grad_clip)
-        return DistillationOutput(loss=surrogate_loss(x, grad), grad=grad, t=t)
+            x_t = add_noise(alphas_cumprod, x0, noise, t)
+            x_t_shifted = add_noise(alphas_cumprod, x0, noise, t_shifted)
+        return ShiftedSample(x=x, t=t, noise=noise, x_t=x_t, t_shifted=t_shifted, x_t_shifted=x_t_shifted)
+
+    def direction(self, sample: ShiftedSample, condition: Any, uncondition: Any) -> torch.Tensor:  # type: ignore[override]
+        """ε̂_CFG(x_t, t) − ε_c(x_{t+Δt}, t + Δt), CFG on the first term only."""
+        eps_first = predict_guided_noise(
+            self.denoiser, sample.x_t, sample.t, condition, uncondition, self.config.guidance_scale
+        ).guided
+        eps_second = self.denoiser.predict_noise(
+            sample.x_t_shifted, sample.t_shifted, positive_condition(condition)
+        )
+        return eps_first.float() - eps_second.float()

@@ -18,10 +18,8 @@ from typing import Any
 import torch
 
 from recipes.guidance.cfg import predict_guided_noise
-from recipes.guidance.denoiser import Denoiser
-from recipes.guidance.distillation import DistillationOutput
+from recipes.guidance.distillation import NoisedSample, ScoreDistillation
 from recipes.guidance.schedules import ScalarSchedule, TimestepSchedule, Weighting
-from recipes.guidance.sds import noised_sample, weighted_distillation
 
 
 @dataclass
@@ -42,35 +40,17 @@ class CSDConfig:
     grad_clip: ScalarSchedule | None = None
 
 
-class ClassifierScoreDistillation:
-    """CSD on any :class:`Denoiser`; ``x`` lives in the denoiser's space (latents or pixels)."""
+class ClassifierScoreDistillation(ScoreDistillation[CSDConfig]):
+    """CSD on any :class:`~recipes.guidance.denoiser.Denoiser`; ``x`` lives in the denoiser's space (latents or
+    pixels). It draws ``t`` and the noise as :class:`~recipes.guidance.sds.ScoreDistillationSampling` does (the same
+    draws, in the same order)."""
 
-    def __init__(self, denoiser: Denoiser, config: CSDConfig | None = None) -> None:
-        self.denoiser = denoiser
-        self.config = config or CSDConfig()
+    config_class = CSDConfig
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        condition: Any,
-        uncondition: Any = None,
-        *,
-        global_step: int = 0,
-        generator: torch.Generator | None = None,
-    ) -> DistillationOutput:
-        """Distill the classifier score into ``x`` ([B, …], differentiable).
-
-        ``t`` and the noise come from ``generator`` when given, otherwise from the global torch RNG (the same draws,
-        in the same order, as :class:`~recipes.guidance.sds.ScoreDistillationSampling`).
-        """
-        cfg = self.config
-        sample = noised_sample(self.denoiser, cfg.timesteps, x, global_step, generator)
-        with torch.no_grad():
-            # at s = 2 predict_guided_noise always runs the unconditional pass and gives ε_u + 2·d, with d = ε_c − ε_u
-            # (or the Perp-Neg direction)
-            guided = predict_guided_noise(self.denoiser, sample.x_t, sample.t, condition, uncondition, 2.0)
-            assert guided.uncond is not None
-            score = 0.5 * cfg.guidance_scale * (guided.guided.float() - guided.uncond.float())
-        return weighted_distillation(
-            x, sample.t, score, self.denoiser, cfg.weighting, cfg.grad_clip, global_step
-        )
+    def direction(self, sample: NoisedSample, condition: Any, uncondition: Any) -> torch.Tensor:
+        """ω·(ε_c − ε_u), or ω times the Perp-Neg direction."""
+        # at s = 2 predict_guided_noise always runs the unconditional pass and gives ε_u + 2·d, with d = ε_c − ε_u
+        # (or the Perp-Neg direction)
+        guided = predict_guided_noise(self.denoiser, sample.x_t, sample.t, condition, uncondition, 2.0)
+        assert guided.uncond is not None
+        return 0.5 * self.config.guidance_scale * (guided.guided.float() - guided.uncond.float())

@@ -8,11 +8,8 @@ from typing import Any
 import torch
 
 from recipes.guidance.cfg import predict_guided_noise
-from recipes.guidance.denoiser import Denoiser
-from recipes.guidance.distillation import DistillationOutput, finalize_gradient, surrogate_loss
-from recipes.guidance.parameterization import add_noise
-from recipes.guidance.randomness import randn_like
-from recipes.guidance.schedules import ScalarSchedule, TimestepSchedule, Weighting, scalar_at, timestep_weight
+from recipes.guidance.distillation import DistillationOutput, NoisedSample, ScoreDistillation
+from recipes.guidance.schedules import ScalarSchedule, TimestepSchedule, Weighting
 
 
 @dataclass
@@ -34,37 +31,19 @@ class SDSConfig:
     grad_clip: ScalarSchedule | None = None
 
 
-class ScoreDistillationSampling:
-    """SDS on any :class:`Denoiser`; ``x`` lives in the denoiser's space (latents or pixels)."""
+class ScoreDistillationSampling(ScoreDistillation[SDSConfig]):
+    """SDS on any :class:`~recipes.guidance.denoiser.Denoiser`; ``x`` lives in the denoiser's space (latents or
+    pixels).
 
-    def __init__(self, denoiser: Denoiser, config: SDSConfig | None = None) -> None:
-        self.denoiser = denoiser
-        self.config = config or SDSConfig()
+    Calling it is :meth:`noised`, :meth:`predict` and :meth:`distill` in a row; several steps' samples can share
+    one :meth:`predict` (``picard_training_step_slots``).
+    """
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        condition: Any,
-        uncondition: Any = None,
-        *,
-        global_step: int = 0,
-        generator: torch.Generator | None = None,
-    ) -> DistillationOutput:
-        """Distill the denoiser's score into ``x`` ([B, …], differentiable).
+    config_class = SDSConfig
 
-        ``t`` and the noise come from ``generator`` when given, otherwise from the global torch RNG. This is
-        :meth:`noised`, :meth:`predict` and :meth:`distill` in a row; several steps' samples can share one
-        :meth:`predict` (``picard_training_step_slots``).
-        """
-        sample = self.noised(x, global_step=global_step, generator=generator)
-        eps_hat = self.predict(sample.x_t, sample.t, condition, uncondition)
-        return self.distill(sample, eps_hat, global_step=global_step)
-
-    def noised(
-        self, x: torch.Tensor, *, global_step: int = 0, generator: torch.Generator | None = None
-    ) -> NoisedSample:
-        """Draw ``t`` and the noise (in that order, from ``generator``) and noise ``x`` to ``x_t``."""
-        return noised_sample(self.denoiser, self.config.timesteps, x, global_step, generator)
+    def direction(self, sample: NoisedSample, condition: Any, uncondition: Any) -> torch.Tensor:
+        """ε̂ − ε: the CFG-guided prediction (:meth:`predict`) minus the noise."""
+        return self.predict(sample.x_t, sample.t, condition, uncondition).float() - sample.noise
 
     @torch.no_grad()
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, condition: Any, uncondition: Any) -> torch.Tensor:
@@ -77,56 +56,4 @@ class ScoreDistillationSampling:
         self, sample: NoisedSample, eps_hat: torch.Tensor, *, global_step: int = 0
     ) -> DistillationOutput:
         """The SDS gradient w(t)·(ε̂ − ε) of ``sample`` and its surrogate loss."""
-        cfg = self.config
-        direction = eps_hat.float() - sample.noise
-        return weighted_distillation(
-            sample.x, sample.t, direction, self.denoiser, cfg.weighting, cfg.grad_clip, global_step
-        )
-
-
-def noised_sample(
-    denoiser: Denoiser,
-    timesteps: TimestepSchedule,
-    x: torch.Tensor,
-    global_step: int,
-    generator: torch.Generator | None,
-) -> NoisedSample:
-    """Draw ``t`` and the noise (in that order, from ``generator``) and noise ``x`` to ``x_t`` (SDS and CSD)."""
-    t = timesteps.sample(x.shape[0], global_step, denoiser.num_train_timesteps, x.device, generator)
-    noise = randn_like(x.detach().float(), generator)
-    with torch.no_grad():
-        x_t = add_noise(denoiser.alphas_cumprod, x.detach().float(), noise, t)
-    return NoisedSample(x=x, t=t, noise=noise, x_t=x_t)
-
-
-def weighted_distillation(
-    x: torch.Tensor,
-    t: torch.Tensor,
-    direction: torch.Tensor,
-    denoiser: Denoiser,
-    weighting: Weighting,
-    grad_clip: ScalarSchedule | None,
-    global_step: int,
-) -> DistillationOutput:
-    """The gradient w(t)·``direction`` (clamped by ``grad_clip`` at ``global_step``) and its surrogate loss."""
-    weight = timestep_weight(weighting, denoiser.alphas_cumprod, t).view(-1, *([1] * (x.dim() - 1)))
-    clip = None if grad_clip is None else scalar_at(grad_clip, global_step)
-    grad = finalize_gradient(weight * direction, clip)
-    return DistillationOutput(loss=surrogate_loss(x, grad), grad=grad, t=t)
-
-
-@dataclass
-class NoisedSample:
-    """SDS's input of one step before the denoiser sees it.
-
-    Attributes:
-        x: the differentiable input ``[B, …]``.
-        t: its timesteps ``[B]``.
-        noise: the noise ε added (float32).
-        x_t: the noised input (float32, detached).
-    """
-
-    x: torch.Tensor
-    t: torch.Tensor
-    noise: torch.Tensor
-    x_t: torch.Tensor
+        return self.distill_direction(sample, eps_hat.float() - sample.noise, global_step=global_step)

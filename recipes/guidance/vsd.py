@@ -18,11 +18,9 @@ import torch
 
 from recipes.guidance.cfg import predict_guided_noise
 from recipes.guidance.denoiser import Denoiser
-from recipes.guidance.distillation import DistillationOutput, finalize_gradient, surrogate_loss
+from recipes.guidance.distillation import DistillationOutput, noised_sample, weighted_distillation
 from recipes.guidance.lora import LoRAParticleScore, ParticleCondition
-from recipes.guidance.parameterization import add_noise
-from recipes.guidance.randomness import randn_like
-from recipes.guidance.schedules import ScalarSchedule, TimestepSchedule, Weighting, scalar_at, timestep_weight
+from recipes.guidance.schedules import ScalarSchedule, TimestepSchedule, Weighting
 
 
 @dataclass
@@ -74,31 +72,23 @@ class VariationalScoreDistillation:
         ``particle_condition`` carries the view-independent prompt and the cameras [B, 16].
         """
         cfg = self.config
-        alphas_cumprod = self.pretrained.alphas_cumprod
-        t = cfg.timesteps.sample(
-            x.shape[0], global_step, self.pretrained.num_train_timesteps, x.device, generator
-        )
-        x0 = x.detach().float()
-        noise = randn_like(x0, generator)
+        sample = noised_sample(self.pretrained, cfg.timesteps, x, global_step, generator)
         with torch.no_grad():
-            x_t = add_noise(alphas_cumprod, x0, noise, t)
             eps_pretrained = predict_guided_noise(
-                self.pretrained, x_t, t, condition, uncondition, cfg.guidance_scale
+                self.pretrained, sample.x_t, sample.t, condition, uncondition, cfg.guidance_scale
             ).guided
             eps_particle = predict_guided_noise(
                 self.particle,
-                x_t,
-                t,
+                sample.x_t,
+                sample.t,
                 particle_condition,
                 particle_condition.without_camera(),
                 cfg.guidance_scale_lora,
             ).guided
-        weight = timestep_weight(cfg.weighting, alphas_cumprod, t).view(-1, *([1] * (x.dim() - 1)))
-        grad_clip = None if cfg.grad_clip is None else scalar_at(cfg.grad_clip, global_step)
-        grad = finalize_gradient(
-            weight * (eps_pretrained.float() - eps_particle.float().to(x.device)), grad_clip
+        direction = eps_pretrained.float() - eps_particle.float().to(x.device)
+        return weighted_distillation(
+            x, sample.t, direction, self.pretrained, cfg.weighting, cfg.grad_clip, global_step
         )
-        return DistillationOutput(loss=surrogate_loss(x, grad), grad=grad, t=t)
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         """Rank-local trainables: LoRA adapters + camera embedding."""
