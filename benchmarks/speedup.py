@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speedup.py --out /tmp/speedup            # every recipe
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speedup.py --recipes dreamgaussian asd --windows 2 8 --steps 60
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speedup.py --wall-clock --steps 50 --out /tmp/wall
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speedup.py --recipes asd --windows 8 --harder-windows \
+        --policies paper --tolerances 0.01 0.1 1 10 --steps 30 --out /tmp/frontier                  # the trade-off
 
 **Algorithmic mode** (the default). For each recipe's CPU-size config (``RECIPES``, ``--size``: by default the demo
 configs of the Gaussian recipes and the 16 × 16 smoke configs of the others) it trains, in one process with one thread and a plain ``Trainer`` (no validation, no checkpoints),
@@ -23,13 +25,19 @@ the same way at ``--harder-windows``. Per run it reports:
 Policies: ``defaults`` is ``PicardStrategy(window_size=P)``'s own convergence policy; ``paper`` is DreamPropeller's
 rule: threshold 5e-4 on ‖Δθ‖²/D for Gaussian scenes and 5e-6 for the others, γ 0.9, median.
 
+**The speed/fidelity frontier** (``--tolerances``). Each value t adds the policy ``tolerance=t``
+(``PicardStrategy(window_size=P, tolerance=t)``, fixed; ``tolerance=0.1`` is the ``defaults`` policy), run and
+measured like the others. The tables then also carry ``strides``, the steps accepted in each round, and
+``frontier.png`` plots the fidelity ratio (log) against T/rounds, one line per recipe and setting through the
+tolerances, the ``paper`` policy's point marked, the target region (T/rounds ≥ 0.8·P, fidelity ≤ 1%) shaded.
+
 **Wall-clock mode** (``--wall-clock``). Each recipe through ``lightning-picard fit``, sequentially
 (``--trainer.strategy=auto``) and on 2 CPU processes (``--trainer.strategy=picard_fork --trainer.devices=2``: one
 slot per rank, the default policy), one after the other in alternating order, one thread per process, with the load
 average before each; times are the runs' ``fit_seconds`` (``run.json``) and the whole command's wall time.
 
 Both modes write ``speedup.csv``, ``speedup.md`` (or ``wall_clock.*``) and, in the algorithmic mode, ``speedup.png``
-(T/rounds against P per recipe) into ``--out``.
+(T/rounds against P per recipe) and, with ``--tolerances``, ``frontier.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -118,6 +126,8 @@ RECIPES: dict[str, Recipe] = {
 POLICIES = ("defaults", "paper")
 EXACT = "exact"
 """``tolerance=0``: the sequential run bit for bit (a check of the measures, not a default)."""
+TOLERANCE = "tolerance="
+"""Prefix of the swept policies: ``tolerance=0.3`` is ``PicardStrategy(tolerance=0.3)``."""
 SEED1 = ["--model.seed=1", "--data.init_args.seed=1"]
 COLUMNS = (
     "recipe",
@@ -142,26 +152,39 @@ COLUMNS = (
     "fidelity",
     "fit_seconds",
 )
+FRONTIER_COLUMNS = (*COLUMNS, "strides")
+"""The tables' columns with ``--tolerances``: ``strides`` are the steps accepted in each round."""
+
+
+def tolerance_policy(tolerance: float) -> str:
+    """The name of the swept policy with ``tolerance`` (``tolerance=0.3``)."""
+    return f"{TOLERANCE}{tolerance:g}"
 
 
 def policy_arguments(policy: str, recipe: Recipe) -> dict[str, Any]:
-    """``PicardStrategy`` arguments of ``policy`` for ``recipe``."""
+    """``PicardStrategy`` arguments of ``policy`` for ``recipe``: ``defaults``, ``paper``, ``exact`` or
+    ``tolerance=t``."""
+    if policy.startswith(TOLERANCE):
+        return {"tolerance": float(policy.removeprefix(TOLERANCE))}
     if policy == "defaults":
         return {}
     if policy == "paper":
         return {"threshold": 5e-4 if recipe.gaussians else 5e-6, "ema_decay": 0.9, "aggregate": "median"}
     if policy == EXACT:
         return {"tolerance": 0.0}
-    raise ValueError(f"unknown policy {policy!r}: choose from {(*POLICIES, EXACT)}")
+    raise ValueError(f"unknown policy {policy!r}: choose from {(*POLICIES, EXACT)} or {TOLERANCE}t")
 
 
 class _RunRecord(pl.Callback):
-    """Counts gradient evaluations (``backward`` calls) and records the threshold after every round."""
+    """Counts gradient evaluations (``backward`` calls) and records the threshold and the steps accepted after every
+    round."""
 
     def __init__(self) -> None:
         self.evaluations = 0
         self.thresholds: list[float] = []
+        self.strides: list[int] = []
         self.rounds = 0
+        self._steps = 0
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
@@ -172,6 +195,8 @@ class _RunRecord(pl.Callback):
         window = getattr(trainer.strategy, "window", None)
         if window is not None:
             self.thresholds.append(float(window.threshold))
+            self.strides.append(trainer.global_step - self._steps)
+            self._steps = trainer.global_step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         window = getattr(trainer.strategy, "window", None)
@@ -186,6 +211,7 @@ class Run:
     rounds: int
     evaluations: int
     thresholds: list[float]
+    strides: list[int]
     seconds: float
     psnr: float
     ssim: float
@@ -238,6 +264,7 @@ def fit(
         rounds=record.rounds,
         evaluations=record.evaluations,
         thresholds=record.thresholds,
+        strides=record.strides,
         seconds=seconds,
         psnr=quality.psnr,
         ssim=quality.ssim,
@@ -283,6 +310,7 @@ def row(recipe: str, setting: str, policy: str, window: int | None, run: Run, se
         "fidelity_renders": renders,
         "fidelity": renders if RECIPES[recipe].gaussians or math.isnan(params) else params,
         "fit_seconds": run.seconds,
+        "strides": " ".join(map(str, run.strides)),
     }
 
 
@@ -390,10 +418,84 @@ def plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
+TARGET_FIDELITY = 0.01
+"""The issue's fidelity target: at most 1% of the seed-to-seed distance."""
+TARGET_STRIDE = 0.8
+"""The issue's speed target: T/rounds at least 0.8·P."""
+
+
+def frontier_plot(rows: list[dict], path: Path) -> Path:
+    """Fidelity ratio (log x, in % of the seed spread) against T/rounds, one panel per window P, one line per recipe
+    and setting through the ``tolerance=t`` rows (each point labelled with t), the ``paper`` rows as stars, the
+    target region (T/rounds ≥ 0.8·P, fidelity ≤ 1%) shaded, T/rounds = P and (P + 1)/2 dotted.
+
+    Points with fidelity 0 (``tolerance=0``) have no place on a log axis and are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    swept = [r for r in rows if r["policy"].startswith(TOLERANCE)]
+    windows = sorted({r["P"] for r in swept})
+    figure, axes = plt.subplots(
+        1, max(len(windows), 1), figsize=(6.5 * max(len(windows), 1), 5), squeeze=False
+    )
+    keys = sorted({(r["recipe"], r["setting"]) for r in swept})
+    colours = {name: f"C{i % 10}" for i, name in enumerate(sorted({k[0] for k in keys}))}
+    for axis, window in zip(axes[0], windows, strict=False):
+        plotted = []
+        for recipe, setting in keys:
+            mine = [r for r in rows if (r["recipe"], r["setting"], r["P"]) == (recipe, setting, window)]
+            points = sorted(
+                (float(r["policy"].removeprefix(TOLERANCE)), 100 * r["fidelity"], r["T/rounds"])
+                for r in mine
+                if r["policy"].startswith(TOLERANCE) and r["fidelity"] > 0 and math.isfinite(r["fidelity"])
+            )
+            colour, style = colours[recipe], "-o" if setting == "base" else "--s"
+            if points:
+                _, xs, ys = zip(*points, strict=True)
+                axis.plot(xs, ys, style, color=colour, ms=4, label=f"{recipe} ({setting})")
+                plotted += xs
+                for tolerance, x, y in points:
+                    axis.annotate(
+                        f"{tolerance:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                    )
+            for r in mine:
+                if r["policy"] == "paper" and r["fidelity"] > 0:
+                    axis.plot(100 * r["fidelity"], r["T/rounds"], "*", color=colour, ms=13, mec="k", mew=0.5)
+                    plotted.append(100 * r["fidelity"])
+        low = min([*plotted, 100 * TARGET_FIDELITY]) / 3
+        high = max([*plotted, 100 * TARGET_FIDELITY]) * 3
+        axis.set_xscale("log")
+        axis.set_xlim(low, high)
+        axis.set_ylim(1, window + 0.5)
+        axis.fill_between(
+            [low, 100 * TARGET_FIDELITY],
+            TARGET_STRIDE * window,
+            window + 0.5,
+            color="g",
+            alpha=0.15,
+            label=f"target: T/rounds ≥ {TARGET_STRIDE * window:g}, fidelity ≤ {100 * TARGET_FIDELITY:g}%",
+        )
+        axis.axhline(window, color="k", ls=":", lw=1, label=f"ceiling T/rounds = P = {window}")
+        axis.axhline((window + 1) / 2, color="grey", ls="-.", lw=1, label=f"(P + 1)/2 = {(window + 1) / 2:g}")
+        axis.plot([], [], "*", color="w", mec="k", ms=11, label="paper's threshold rule")
+        axis.set_xlabel("fidelity ratio ‖θ − θ_seq‖² / ‖θ_seed1 − θ_seq‖² (%, log)")
+        axis.set_ylabel("T / rounds")
+        axis.set_title(f"P = {window}: tolerance swept (labels), paper's rule (stars)")
+        axis.legend(fontsize=7, loc="upper left")
+        axis.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def algorithmic(args: argparse.Namespace) -> list[dict]:
     """The algorithmic mode: every recipe in a worker of its own (``--jobs`` at a time)."""
     job = {k: getattr(args, k) for k in ("out", "size", "steps", "windows", "harder_windows", "policies")}
     job["out"] = str(args.out)
+    job["policies"] = list(dict.fromkeys([*args.policies, *map(tolerance_policy, args.tolerances)]))
     rows_by_recipe: dict[str, list[dict]] = {}
     if args.jobs == 1:
         rows_by_recipe = {name: measure_recipe(name, job) for name in args.recipes}
@@ -403,9 +505,12 @@ def algorithmic(args: argparse.Namespace) -> list[dict]:
             futures = {name: pool.submit(measure_recipe, name, job) for name in args.recipes}
             rows_by_recipe = {name: future.result() for name, future in futures.items()}
     rows = [r for name in args.recipes for r in rows_by_recipe[name]]
-    write_csv(rows, COLUMNS, args.out / "speedup.csv")
-    (args.out / "speedup.md").write_text(markdown(rows, COLUMNS) + "\n")
+    columns = FRONTIER_COLUMNS if args.tolerances else COLUMNS
+    write_csv(rows, columns, args.out / "speedup.csv")
+    (args.out / "speedup.md").write_text(markdown(rows, columns) + "\n")
     plot(rows, args.out / "speedup.png")
+    if args.tolerances:
+        frontier_plot(rows, args.out / "frontier.png")
     return rows
 
 
@@ -481,6 +586,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="Default is defaults paper.",
     )
     parser.add_argument(
+        "--tolerances",
+        nargs="+",
+        type=float,
+        default=[],
+        metavar="T",
+        help="also run the policy tolerance=T for each T (the speed/fidelity frontier, frontier.png). "
+        "Default is none.",
+    )
+    parser.add_argument(
         "--steps", type=int, default=100, help="optimizer steps T of every run. Default is 100."
     )
     parser.add_argument(
@@ -495,6 +609,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error(f"--steps must be at least 2, got {args.steps}")
+    if any(not t >= 0 for t in args.tolerances):
+        parser.error(f"--tolerances must be numbers >= 0 (0 = exact), got {args.tolerances}")
+    if args.wall_clock and args.tolerances:
+        parser.error("--tolerances sweeps the algorithmic mode; drop it or --wall-clock")
     args.out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     header = (
@@ -509,7 +627,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     (args.out / "machine.txt").write_text(f"{header}\n{footer}\n")
     print(footer)
-    print(markdown(rows, WALL_COLUMNS if args.wall_clock else COLUMNS))
+    print(
+        markdown(rows, WALL_COLUMNS if args.wall_clock else FRONTIER_COLUMNS if args.tolerances else COLUMNS)
+    )
     return rows
 
 
