@@ -152,8 +152,9 @@ COLUMNS = (
     "fidelity",
     "fit_seconds",
 )
-FRONTIER_COLUMNS = (*COLUMNS, "strides")
-"""The tables' columns with ``--tolerances``: ``strides`` are the steps accepted in each round."""
+FRONTIER_COLUMNS = (*COLUMNS, "late_T/rounds", "strides")
+"""The tables' columns with ``--tolerances``: ``strides`` are the steps accepted in each round, ``late_T/rounds``
+their mean over the second half of the run (``late_stride``)."""
 
 
 def tolerance_policy(tolerance: float) -> str:
@@ -282,6 +283,15 @@ def parameter_ratio(picard: Run, sequential: Run, seed1: Run) -> float:
     return fidelity_ratio(*flat)
 
 
+def late_stride(strides: list[int], steps: int) -> float:
+    """Mean steps per round over the rounds that start at step ``steps // 2`` or later, the last round left out (the
+    end of the run shortens its window), or NaN where there are none: T/rounds once the first, larger steps are
+    past."""
+    starts = [sum(strides[:i]) for i in range(len(strides))]
+    late = [s for start, s in zip(starts[:-1], strides[:-1], strict=True) if start >= steps // 2]
+    return statistics.mean(late) if late else math.nan
+
+
 def row(recipe: str, setting: str, policy: str, window: int | None, run: Run, seq: Run, seed1: Run) -> dict:
     """One table row of ``run`` against the setting's sequential runs. ``fidelity`` is the renders' ratio for
     Gaussians (their rows need not be the same points even where the counts agree), else the parameters'."""
@@ -310,6 +320,7 @@ def row(recipe: str, setting: str, policy: str, window: int | None, run: Run, se
         "fidelity_renders": renders,
         "fidelity": renders if RECIPES[recipe].gaussians or math.isnan(params) else params,
         "fit_seconds": run.seconds,
+        "late_T/rounds": late_stride(run.strides, run.steps) if window is not None else math.nan,
         "strides": " ".join(map(str, run.strides)),
     }
 

@@ -106,6 +106,7 @@ def test_tolerance_sweep_values(frontier):
         strides = [int(s) for s in run["strides"].split()]
         assert len(strides) == run["rounds"] and sum(strides) == run["T"] == 4
         assert all(1 <= s <= 2 for s in strides)  # at most P steps per round
+        assert math.isnan(run["late_T/rounds"]) or 1.0 <= run["late_T/rounds"] <= 2.0
     exact = by_policy["tolerance=0"]
     # tolerance 0 is the sequential run bit for bit: zero distance, one step per round
     assert exact["fidelity_params"] == 0.0 and exact["fidelity_renders"] == 0.0 and exact["fidelity"] == 0.0
@@ -127,3 +128,11 @@ def test_policy_names_and_bad_tolerances(tmp_path):
         speedup.main(["--tolerances", "-1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         speedup.main(["--tolerances", "1", "--wall-clock", "--out", str(tmp_path)])
+
+
+def test_late_stride_is_the_mean_stride_of_the_second_half():
+    # rounds start at steps 0 1 2 4 8 10 11: those at 6 or later are 8 (2 steps) and 10 (1); 11 is the last
+    assert speedup.late_stride([1, 1, 2, 4, 2, 1, 1], 12) == 1.5
+    assert math.isnan(
+        speedup.late_stride([1, 1, 2, 4, 2], 10)
+    )  # only the last round starts in the second half
