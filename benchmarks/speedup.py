@@ -436,9 +436,9 @@ TARGET_STRIDE = 0.8
 
 
 def frontier_plot(rows: list[dict], path: Path) -> Path:
-    """Fidelity ratio (log x, in % of the seed spread) against T/rounds, one panel per window P, one line per recipe
-    and setting through the ``tolerance=t`` rows (each point labelled with t), the ``paper`` rows as stars, the
-    target region (T/rounds ≥ 0.8·P, fidelity ≤ 1%) shaded, T/rounds = P and (P + 1)/2 dotted.
+    """Fidelity ratio (log x, in % of the seed spread) against T/rounds: one panel per window P and setting, one line
+    per recipe through its ``tolerance=t`` rows (each point labelled with t), its ``paper`` row as a star, the target
+    region (T/rounds ≥ 0.8·P, fidelity ≤ 1%) shaded, T/rounds = P and (P + 1)/2 dotted.
 
     Points with fidelity 0 (``tolerance=0``) have no place on a log axis and are left out."""
     import matplotlib
@@ -447,33 +447,40 @@ def frontier_plot(rows: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     swept = [r for r in rows if r["policy"].startswith(TOLERANCE)]
-    windows = sorted({r["P"] for r in swept})
-    figure, axes = plt.subplots(
-        1, max(len(windows), 1), figsize=(6.5 * max(len(windows), 1), 5), squeeze=False
-    )
-    keys = sorted({(r["recipe"], r["setting"]) for r in swept})
-    colours = {name: f"C{i % 10}" for i, name in enumerate(sorted({k[0] for k in keys}))}
-    for axis, window in zip(axes[0], windows, strict=False):
+    order = {"base": 0, "harder": 1}
+    panels = sorted({(r["P"], r["setting"]) for r in swept}, key=lambda k: (k[0], order.get(k[1], 2), k[1]))
+    recipes = list(dict.fromkeys(r["recipe"] for r in swept))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(recipes)}
+    count = max(len(panels), 1)
+    figure, axes = plt.subplots(1, count, figsize=(5.5 * count + 2.2, 5), squeeze=False)
+    for axis, (window, setting) in zip(axes[0], panels, strict=False):
         plotted = []
-        for recipe, setting in keys:
+        for recipe in recipes:
             mine = [r for r in rows if (r["recipe"], r["setting"], r["P"]) == (recipe, setting, window)]
             points = sorted(
                 (float(r["policy"].removeprefix(TOLERANCE)), 100 * r["fidelity"], r["T/rounds"])
                 for r in mine
                 if r["policy"].startswith(TOLERANCE) and r["fidelity"] > 0 and math.isfinite(r["fidelity"])
             )
-            colour, style = colours[recipe], "-o" if setting == "base" else "--s"
             if points:
                 _, xs, ys = zip(*points, strict=True)
-                axis.plot(xs, ys, style, color=colour, ms=4, label=f"{recipe} ({setting})")
+                axis.plot(xs, ys, "-o", color=colours[recipe], ms=4, lw=1.2, label=recipe)
                 plotted += xs
                 for tolerance, x, y in points:
                     axis.annotate(
-                        f"{tolerance:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                        f"{tolerance:g}", (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points"
                     )
             for r in mine:
-                if r["policy"] == "paper" and r["fidelity"] > 0:
-                    axis.plot(100 * r["fidelity"], r["T/rounds"], "*", color=colour, ms=13, mec="k", mew=0.5)
+                if r["policy"] == "paper" and r["fidelity"] > 0 and math.isfinite(r["fidelity"]):
+                    axis.plot(
+                        100 * r["fidelity"],
+                        r["T/rounds"],
+                        "*",
+                        color=colours[recipe],
+                        ms=13,
+                        mec="k",
+                        mew=0.5,
+                    )
                     plotted.append(100 * r["fidelity"])
         low = min([*plotted, 100 * TARGET_FIDELITY]) / 3
         high = max([*plotted, 100 * TARGET_FIDELITY]) * 3
@@ -486,20 +493,59 @@ def frontier_plot(rows: list[dict], path: Path) -> Path:
             window + 0.5,
             color="g",
             alpha=0.15,
-            label=f"target: T/rounds ≥ {TARGET_STRIDE * window:g}, fidelity ≤ {100 * TARGET_FIDELITY:g}%",
+            label=f"target: T/rounds ≥ {TARGET_STRIDE:g}·P, fidelity ≤ {100 * TARGET_FIDELITY:g}%",
         )
-        axis.axhline(window, color="k", ls=":", lw=1, label=f"ceiling T/rounds = P = {window}")
-        axis.axhline((window + 1) / 2, color="grey", ls="-.", lw=1, label=f"(P + 1)/2 = {(window + 1) / 2:g}")
-        axis.plot([], [], "*", color="w", mec="k", ms=11, label="paper's threshold rule")
-        axis.set_xlabel("fidelity ratio ‖θ − θ_seq‖² / ‖θ_seed1 − θ_seq‖² (%, log)")
-        axis.set_ylabel("T / rounds")
-        axis.set_title(f"P = {window}: tolerance swept (labels), paper's rule (stars)")
-        axis.legend(fontsize=7, loc="upper left")
+        axis.axhline(window, color="k", ls=":", lw=1, label="ceiling T/rounds = P")
+        axis.axhline((window + 1) / 2, color="grey", ls="-.", lw=1, label="(P + 1)/2")
+        axis.set_xlabel("fidelity ratio: ‖Picard − seq‖² / ‖seed 1 − seq‖² (%, log)")
+        axis.set_title(f"P = {window}, {setting} setting")
         axis.grid(True, which="both", alpha=0.3)
-    figure.tight_layout()
+    axes[0][0].set_ylabel("T / rounds")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for axis in axes[0][1:]:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    handles.append(plt.Line2D([], [], ls="", marker="*", color="w", mec="k", ms=11))
+    labels.append("paper's threshold rule")
+    handles.append(plt.Line2D([], [], ls="", marker="$t$", color="k", ms=6))
+    labels.append("label: tolerance t")
+    figure.legend(handles, labels, fontsize=7, loc="upper right")
+    figure.tight_layout(rect=(0, 0, 1 - 2.0 / (5.5 * count + 2.2), 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+_TEXT_COLUMNS = {"recipe", "setting", "policy", "strides"}
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a ``speedup.csv``, numbers and yes/no read back as ``float``/``int`` and ``bool``."""
+
+    def value(column: str, text: str) -> Any:
+        if column in _TEXT_COLUMNS:
+            return text
+        if text in ("True", "False"):
+            return text == "True"
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)
+
+    with path.open(newline="") as file:
+        return [{c: value(c, t) for c, t in r.items()} for r in csv.DictReader(file)]
+
+
+def replot(folder: Path) -> list[dict]:
+    """``speedup.png`` and, where the table has ``tolerance=t`` rows, ``frontier.png`` again from
+    ``folder/speedup.csv`` (after a change of the plots, without running anything)."""
+    rows = read_csv(folder / "speedup.csv")
+    plot(rows, folder / "speedup.png")
+    if any(r["policy"].startswith(TOLERANCE) for r in rows):
+        frontier_plot(rows, folder / "frontier.png")
+    return rows
 
 
 def algorithmic(args: argparse.Namespace) -> list[dict]:
@@ -616,8 +662,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--jobs", type=int, default=1, help="recipes measured at once. Default is 1.")
     parser.add_argument("--wall-clock", action="store_true", help="sequential vs 2 CPU processes, timed")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="run nothing: redraw speedup.png (and frontier.png) from --out's speedup.csv",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/speedup"))
     args = parser.parse_args(argv)
+    if args.replot:
+        return replot(args.out)
     if args.steps < 2:
         parser.error(f"--steps must be at least 2, got {args.steps}")
     if any(not t >= 0 for t in args.tolerances):

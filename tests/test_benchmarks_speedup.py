@@ -136,3 +136,12 @@ def test_late_stride_is_the_mean_stride_of_the_second_half():
     assert math.isnan(
         speedup.late_stride([1, 1, 2, 4, 2], 10)
     )  # only the last round starts in the second half
+
+
+def test_replot_reads_the_table_back(frontier):
+    out, rows = frontier
+    (out / "frontier.png").unlink()
+    again = speedup.main(["--replot", "--out", str(out)])
+    assert (out / "frontier.png").stat().st_size > 1000
+    for column in ("policy", "P", "T/rounds", "fidelity", "strides", "psnr_within_seed_spread"):
+        assert [repr(r[column]) for r in again] == [repr(r[column]) for r in rows]  # repr: NaN is not == NaN
