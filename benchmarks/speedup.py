@@ -30,6 +30,7 @@ rule: threshold 5e-4 on ‖Δθ‖²/D for Gaussian scenes and 5e-6 for the othe
 measured like the others. The tables then also carry ``strides``, the steps accepted in each round, and
 ``frontier.png`` plots the fidelity ratio (log) against T/rounds, one line per recipe and setting through the
 tolerances, the ``paper`` policy's point marked, the target region (T/rounds ≥ 0.8·P, fidelity ≤ 1%) shaded.
+``--replot`` redraws ``speedup.png`` and ``frontier.png`` from ``--out``'s ``speedup.csv`` without running anything.
 
 **Wall-clock mode** (``--wall-clock``). Each recipe through ``lightning-picard fit``, sequentially
 (``--trainer.strategy=auto``) and on 2 CPU processes (``--trainer.strategy=picard_fork --trainer.devices=2``: one
