@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speedup.py --out /tmp/speedup            # every recipe
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speedup.py --recipes dreamgaussian asd --windows 2 8 --steps 60
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speedup.py --wall-clock --steps 50 --out /tmp/wall
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speedup.py --recipes asd --windows 8 --harder-windows \
+        --policies paper --tolerances 0.01 0.1 1 10 --steps 30 --out /tmp/frontier                  # the trade-off
 
 **Algorithmic mode** (the default). For each recipe's CPU-size config (``RECIPES``, ``--size``: by default the demo
 configs of the Gaussian recipes and the 16 × 16 smoke configs of the others) it trains, in one process with one thread and a plain ``Trainer`` (no validation, no checkpoints),
@@ -23,13 +25,20 @@ the same way at ``--harder-windows``. Per run it reports:
 Policies: ``defaults`` is ``PicardStrategy(window_size=P)``'s own convergence policy; ``paper`` is DreamPropeller's
 rule: threshold 5e-4 on ‖Δθ‖²/D for Gaussian scenes and 5e-6 for the others, γ 0.9, median.
 
+**The speed/fidelity frontier** (``--tolerances``). Each value t adds the policy ``tolerance=t``
+(``PicardStrategy(window_size=P, tolerance=t)``, fixed; ``tolerance=0.1`` is the ``defaults`` policy), run and
+measured like the others. The tables then also carry ``strides``, the steps accepted in each round, and
+``frontier.png`` plots the fidelity ratio (log) against T/rounds, one line per recipe and setting through the
+tolerances, the ``paper`` policy's point marked, the target region (T/rounds ≥ 0.8·P, fidelity ≤ 1%) shaded.
+``--replot`` redraws ``speedup.png`` and ``frontier.png`` from ``--out``'s ``speedup.csv`` without running anything.
+
 **Wall-clock mode** (``--wall-clock``). Each recipe through ``lightning-picard fit``, sequentially
 (``--trainer.strategy=auto``) and on 2 CPU processes (``--trainer.strategy=picard_fork --trainer.devices=2``: one
 slot per rank, the default policy), one after the other in alternating order, one thread per process, with the load
 average before each; times are the runs' ``fit_seconds`` (``run.json``) and the whole command's wall time.
 
 Both modes write ``speedup.csv``, ``speedup.md`` (or ``wall_clock.*``) and, in the algorithmic mode, ``speedup.png``
-(T/rounds against P per recipe) into ``--out``.
+(T/rounds against P per recipe) and, with ``--tolerances``, ``frontier.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -118,6 +127,8 @@ RECIPES: dict[str, Recipe] = {
 POLICIES = ("defaults", "paper")
 EXACT = "exact"
 """``tolerance=0``: the sequential run bit for bit (a check of the measures, not a default)."""
+TOLERANCE = "tolerance="
+"""Prefix of the swept policies: ``tolerance=0.3`` is ``PicardStrategy(tolerance=0.3)``."""
 SEED1 = ["--model.seed=1", "--data.init_args.seed=1"]
 COLUMNS = (
     "recipe",
@@ -142,26 +153,40 @@ COLUMNS = (
     "fidelity",
     "fit_seconds",
 )
+FRONTIER_COLUMNS = (*COLUMNS, "late_T/rounds", "strides")
+"""The tables' columns with ``--tolerances``: ``strides`` are the steps accepted in each round, ``late_T/rounds``
+their mean over the second half of the run (``late_stride``)."""
+
+
+def tolerance_policy(tolerance: float) -> str:
+    """The name of the swept policy with ``tolerance`` (``tolerance=0.3``)."""
+    return f"{TOLERANCE}{tolerance:g}"
 
 
 def policy_arguments(policy: str, recipe: Recipe) -> dict[str, Any]:
-    """``PicardStrategy`` arguments of ``policy`` for ``recipe``."""
+    """``PicardStrategy`` arguments of ``policy`` for ``recipe``: ``defaults``, ``paper``, ``exact`` or
+    ``tolerance=t``."""
+    if policy.startswith(TOLERANCE):
+        return {"tolerance": float(policy.removeprefix(TOLERANCE))}
     if policy == "defaults":
         return {}
     if policy == "paper":
         return {"threshold": 5e-4 if recipe.gaussians else 5e-6, "ema_decay": 0.9, "aggregate": "median"}
     if policy == EXACT:
         return {"tolerance": 0.0}
-    raise ValueError(f"unknown policy {policy!r}: choose from {(*POLICIES, EXACT)}")
+    raise ValueError(f"unknown policy {policy!r}: choose from {(*POLICIES, EXACT)} or {TOLERANCE}t")
 
 
 class _RunRecord(pl.Callback):
-    """Counts gradient evaluations (``backward`` calls) and records the threshold after every round."""
+    """Counts gradient evaluations (``backward`` calls) and records the threshold and the steps accepted after every
+    round."""
 
     def __init__(self) -> None:
         self.evaluations = 0
         self.thresholds: list[float] = []
+        self.strides: list[int] = []
         self.rounds = 0
+        self._steps = 0
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
@@ -172,6 +197,8 @@ class _RunRecord(pl.Callback):
         window = getattr(trainer.strategy, "window", None)
         if window is not None:
             self.thresholds.append(float(window.threshold))
+            self.strides.append(trainer.global_step - self._steps)
+            self._steps = trainer.global_step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         window = getattr(trainer.strategy, "window", None)
@@ -186,6 +213,7 @@ class Run:
     rounds: int
     evaluations: int
     thresholds: list[float]
+    strides: list[int]
     seconds: float
     psnr: float
     ssim: float
@@ -238,6 +266,7 @@ def fit(
         rounds=record.rounds,
         evaluations=record.evaluations,
         thresholds=record.thresholds,
+        strides=record.strides,
         seconds=seconds,
         psnr=quality.psnr,
         ssim=quality.ssim,
@@ -253,6 +282,15 @@ def parameter_ratio(picard: Run, sequential: Run, seed1: Run) -> float:
         return math.nan
     flat = [torch.cat([p.flatten() for p in run.parameters]) for run in (picard, sequential, seed1)]
     return fidelity_ratio(*flat)
+
+
+def late_stride(strides: list[int], steps: int) -> float:
+    """Mean steps per round over the rounds that start at step ``steps // 2`` or later, the last round left out (the
+    end of the run shortens its window), or NaN where there are none: T/rounds once the first, larger steps are
+    past."""
+    starts = [sum(strides[:i]) for i in range(len(strides))]
+    late = [s for start, s in zip(starts[:-1], strides[:-1], strict=True) if start >= steps // 2]
+    return statistics.mean(late) if late else math.nan
 
 
 def row(recipe: str, setting: str, policy: str, window: int | None, run: Run, seq: Run, seed1: Run) -> dict:
@@ -283,6 +321,8 @@ def row(recipe: str, setting: str, policy: str, window: int | None, run: Run, se
         "fidelity_renders": renders,
         "fidelity": renders if RECIPES[recipe].gaussians or math.isnan(params) else params,
         "fit_seconds": run.seconds,
+        "late_T/rounds": late_stride(run.strides, run.steps) if window is not None else math.nan,
+        "strides": " ".join(map(str, run.strides)),
     }
 
 
@@ -390,10 +430,130 @@ def plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
+TARGET_FIDELITY = 0.01
+"""The issue's fidelity target: at most 1% of the seed-to-seed distance."""
+TARGET_STRIDE = 0.8
+"""The issue's speed target: T/rounds at least 0.8·P."""
+
+
+def frontier_plot(rows: list[dict], path: Path) -> Path:
+    """Fidelity ratio (log x, in % of the seed spread) against T/rounds: one panel per window P and setting, one line
+    per recipe through its ``tolerance=t`` rows (each point labelled with t), its ``paper`` row as a star, the target
+    region (T/rounds ≥ 0.8·P, fidelity ≤ 1%) shaded, T/rounds = P and (P + 1)/2 dotted.
+
+    Points with fidelity 0 (``tolerance=0``) have no place on a log axis and are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    swept = [r for r in rows if r["policy"].startswith(TOLERANCE)]
+    order = {"base": 0, "harder": 1}
+    panels = sorted({(r["P"], r["setting"]) for r in swept}, key=lambda k: (k[0], order.get(k[1], 2), k[1]))
+    recipes = list(dict.fromkeys(r["recipe"] for r in swept))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(recipes)}
+    count = max(len(panels), 1)
+    figure, axes = plt.subplots(1, count, figsize=(5.5 * count + 2.2, 5), squeeze=False)
+    for axis, (window, setting) in zip(axes[0], panels, strict=False):
+        plotted = []
+        for recipe in recipes:
+            mine = [r for r in rows if (r["recipe"], r["setting"], r["P"]) == (recipe, setting, window)]
+            points = sorted(
+                (float(r["policy"].removeprefix(TOLERANCE)), 100 * r["fidelity"], r["T/rounds"])
+                for r in mine
+                if r["policy"].startswith(TOLERANCE) and r["fidelity"] > 0 and math.isfinite(r["fidelity"])
+            )
+            if points:
+                _, xs, ys = zip(*points, strict=True)
+                axis.plot(xs, ys, "-o", color=colours[recipe], ms=4, lw=1.2, label=recipe)
+                plotted += xs
+                for tolerance, x, y in points:
+                    axis.annotate(
+                        f"{tolerance:g}", (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points"
+                    )
+            for r in mine:
+                if r["policy"] == "paper" and r["fidelity"] > 0 and math.isfinite(r["fidelity"]):
+                    axis.plot(
+                        100 * r["fidelity"],
+                        r["T/rounds"],
+                        "*",
+                        color=colours[recipe],
+                        ms=13,
+                        mec="k",
+                        mew=0.5,
+                    )
+                    plotted.append(100 * r["fidelity"])
+        low = min([*plotted, 100 * TARGET_FIDELITY]) / 3
+        high = max([*plotted, 100 * TARGET_FIDELITY]) * 3
+        axis.set_xscale("log")
+        axis.set_xlim(low, high)
+        axis.set_ylim(1, window + 0.5)
+        axis.fill_between(
+            [low, 100 * TARGET_FIDELITY],
+            TARGET_STRIDE * window,
+            window + 0.5,
+            color="g",
+            alpha=0.15,
+            label=f"target: T/rounds ≥ {TARGET_STRIDE:g}·P, fidelity ≤ {100 * TARGET_FIDELITY:g}%",
+        )
+        axis.axhline(window, color="k", ls=":", lw=1, label="ceiling T/rounds = P")
+        axis.axhline((window + 1) / 2, color="grey", ls="-.", lw=1, label="(P + 1)/2")
+        axis.set_xlabel("fidelity ratio: ‖Picard − seq‖² / ‖seed 1 − seq‖² (%, log)")
+        axis.set_title(f"P = {window}, {setting} setting")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("T / rounds")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for axis in axes[0][1:]:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    handles.append(plt.Line2D([], [], ls="", marker="*", color="w", mec="k", ms=11))
+    labels.append("paper's threshold rule")
+    handles.append(plt.Line2D([], [], ls="", marker="$t$", color="k", ms=6))
+    labels.append("label: tolerance t")
+    figure.legend(handles, labels, fontsize=7, loc="upper right")
+    figure.tight_layout(rect=(0, 0, 1 - 2.0 / (5.5 * count + 2.2), 1))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+_TEXT_COLUMNS = {"recipe", "setting", "policy", "strides"}
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a ``speedup.csv``, numbers and yes/no read back as ``float``/``int`` and ``bool``."""
+
+    def value(column: str, text: str) -> Any:
+        if column in _TEXT_COLUMNS:
+            return text
+        if text in ("True", "False"):
+            return text == "True"
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)
+
+    with path.open(newline="") as file:
+        return [{c: value(c, t) for c, t in r.items()} for r in csv.DictReader(file)]
+
+
+def replot(folder: Path) -> list[dict]:
+    """``speedup.png`` and, where the table has ``tolerance=t`` rows, ``frontier.png`` again from
+    ``folder/speedup.csv`` (after a change of the plots, without running anything)."""
+    rows = read_csv(folder / "speedup.csv")
+    plot(rows, folder / "speedup.png")
+    if any(r["policy"].startswith(TOLERANCE) for r in rows):
+        frontier_plot(rows, folder / "frontier.png")
+    return rows
+
+
 def algorithmic(args: argparse.Namespace) -> list[dict]:
     """The algorithmic mode: every recipe in a worker of its own (``--jobs`` at a time)."""
     job = {k: getattr(args, k) for k in ("out", "size", "steps", "windows", "harder_windows", "policies")}
     job["out"] = str(args.out)
+    job["policies"] = list(dict.fromkeys([*args.policies, *map(tolerance_policy, args.tolerances)]))
     rows_by_recipe: dict[str, list[dict]] = {}
     if args.jobs == 1:
         rows_by_recipe = {name: measure_recipe(name, job) for name in args.recipes}
@@ -403,9 +563,12 @@ def algorithmic(args: argparse.Namespace) -> list[dict]:
             futures = {name: pool.submit(measure_recipe, name, job) for name in args.recipes}
             rows_by_recipe = {name: future.result() for name, future in futures.items()}
     rows = [r for name in args.recipes for r in rows_by_recipe[name]]
-    write_csv(rows, COLUMNS, args.out / "speedup.csv")
-    (args.out / "speedup.md").write_text(markdown(rows, COLUMNS) + "\n")
+    columns = FRONTIER_COLUMNS if args.tolerances else COLUMNS
+    write_csv(rows, columns, args.out / "speedup.csv")
+    (args.out / "speedup.md").write_text(markdown(rows, columns) + "\n")
     plot(rows, args.out / "speedup.png")
+    if args.tolerances:
+        frontier_plot(rows, args.out / "frontier.png")
     return rows
 
 
@@ -481,6 +644,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="Default is defaults paper.",
     )
     parser.add_argument(
+        "--tolerances",
+        nargs="+",
+        type=float,
+        default=[],
+        metavar="T",
+        help="also run the policy tolerance=T for each T (the speed/fidelity frontier, frontier.png). "
+        "Default is none.",
+    )
+    parser.add_argument(
         "--steps", type=int, default=100, help="optimizer steps T of every run. Default is 100."
     )
     parser.add_argument(
@@ -491,10 +663,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--jobs", type=int, default=1, help="recipes measured at once. Default is 1.")
     parser.add_argument("--wall-clock", action="store_true", help="sequential vs 2 CPU processes, timed")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="run nothing: redraw speedup.png (and frontier.png) from --out's speedup.csv",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/speedup"))
     args = parser.parse_args(argv)
+    if args.replot:
+        return replot(args.out)
     if args.steps < 2:
         parser.error(f"--steps must be at least 2, got {args.steps}")
+    if any(not t >= 0 for t in args.tolerances):
+        parser.error(f"--tolerances must be numbers >= 0 (0 = exact), got {args.tolerances}")
+    if args.wall_clock and args.tolerances:
+        parser.error("--tolerances sweeps the algorithmic mode; drop it or --wall-clock")
     args.out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     header = (
@@ -509,7 +692,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     (args.out / "machine.txt").write_text(f"{header}\n{footer}\n")
     print(footer)
-    print(markdown(rows, WALL_COLUMNS if args.wall_clock else COLUMNS))
+    print(
+        markdown(rows, WALL_COLUMNS if args.wall_clock else FRONTIER_COLUMNS if args.tolerances else COLUMNS)
+    )
     return rows
 
 
