@@ -8,9 +8,8 @@ import pytest
 from benchmarks import speedup
 
 
-@pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("speedup")
+def tiny_run(out, *policies: str) -> list[dict]:
+    """speedup.py on DreamGaussian's demo config, P = 2, 4 steps, no harder setting, with ``policies``."""
     args = [
         "--recipes",
         "dreamgaussian",
@@ -22,7 +21,13 @@ def result(tmp_path_factory):
         "--out",
         str(out),
     ]
-    rows = speedup.main([*args, "--policies", "defaults", "exact"])
+    return speedup.main([*args, *policies])
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speedup")
+    rows = tiny_run(out, "--policies", "defaults", "exact")
     return out, rows
 
 
@@ -64,18 +69,7 @@ def test_values_are_sane(result):
 @pytest.fixture(scope="module")
 def frontier(tmp_path_factory):
     out = tmp_path_factory.mktemp("frontier")
-    args = [
-        "--recipes",
-        "dreamgaussian",
-        "--windows",
-        "2",
-        "--harder-windows",
-        "--steps",
-        "4",
-        "--out",
-        str(out),
-    ]
-    rows = speedup.main([*args, "--policies", "paper", "--tolerances", "0", "0.1", "10"])
+    rows = tiny_run(out, "--policies", "paper", "--tolerances", "0", "0.1", "10")
     return out, rows
 
 
