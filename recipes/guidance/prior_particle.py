@@ -111,7 +111,9 @@ class PriorParticleScore:
         references = self.prior.references
         if tuple(renders.shape) != tuple(references.shape):
             raise ValueError(
-                f"start_from needs one render per reference, {tuple(references.shape)}, got {tuple(renders.shape)}"
+                f"start_from needs one render per reference, {tuple(references.shape)}, got {tuple(renders.shape)}; "
+                "particle.prior.start: renders works on a one-object prior (one render per reference camera): use "
+                "start: prior with a prior of several objects (the amortized recipe)"
             )
         with torch.no_grad():
             delta = renders.to(references) - references
