@@ -549,6 +549,13 @@ def replot(folder: Path) -> list[dict]:
     return rows
 
 
+def table_columns(args: argparse.Namespace) -> tuple[str, ...]:
+    """The columns of the run's tables: the wall-clock mode's, the frontier's (``--tolerances``) or the default."""
+    if args.wall_clock:
+        return WALL_COLUMNS
+    return FRONTIER_COLUMNS if args.tolerances else COLUMNS
+
+
 def algorithmic(args: argparse.Namespace) -> list[dict]:
     """The algorithmic mode: every recipe in a worker of its own (``--jobs`` at a time)."""
     job = {k: getattr(args, k) for k in ("out", "size", "steps", "windows", "harder_windows", "policies")}
@@ -563,7 +570,7 @@ def algorithmic(args: argparse.Namespace) -> list[dict]:
             futures = {name: pool.submit(measure_recipe, name, job) for name in args.recipes}
             rows_by_recipe = {name: future.result() for name, future in futures.items()}
     rows = [r for name in args.recipes for r in rows_by_recipe[name]]
-    columns = FRONTIER_COLUMNS if args.tolerances else COLUMNS
+    columns = table_columns(args)
     write_csv(rows, columns, args.out / "speedup.csv")
     (args.out / "speedup.md").write_text(markdown(rows, columns) + "\n")
     plot(rows, args.out / "speedup.png")
@@ -692,9 +699,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     (args.out / "machine.txt").write_text(f"{header}\n{footer}\n")
     print(footer)
-    print(
-        markdown(rows, WALL_COLUMNS if args.wall_clock else FRONTIER_COLUMNS if args.tolerances else COLUMNS)
-    )
+    print(markdown(rows, table_columns(args)))
     return rows
 
 

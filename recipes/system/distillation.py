@@ -112,10 +112,16 @@ def particle_module(config: DistillationConfig, guidance: GuidanceConfig) -> nn.
     adapter), or None (no VSD, or a LoRA that is built when the guidance loads)."""
     if config.method != "vsd" or guidance.model != "closed-form":
         return None
+    height = guidance.closed_form.height
+    return ReferenceAdapter((len(prior_reference_cameras(guidance)), 3, height, height))
+
+
+def prior_reference_cameras(guidance: GuidanceConfig) -> Cameras:
+    """The cameras of the closed-form prior's references (``guidance.model`` ``closed-form``), in their order."""
     from recipes.data.procedural import reference_cameras
 
     height = guidance.closed_form.height
-    return ReferenceAdapter((len(reference_cameras(height=height, width=height)), 3, height, height))
+    return reference_cameras(height=height, width=height)
 
 
 class LoRAParameters(nn.Module):
@@ -225,11 +231,8 @@ class Distiller:
         particle = self.particle
         if not isinstance(particle, PriorParticleScore) or particle.config.start != "renders":
             return False
-        from recipes.data.procedural import reference_cameras
-
-        height = self.guidance.config.closed_form.height
         with torch.no_grad():
-            renders = self.guidance.encode(render(reference_cameras(height=height, width=height)))
+            renders = self.guidance.encode(render(prior_reference_cameras(self.guidance.config)))
         particle.start_from(renders)
         return True
 
