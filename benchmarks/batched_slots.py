@@ -7,7 +7,7 @@ One device, window ``P`` (all slots on it). For each recipe configuration, runs 
 - ``batched P``: the same with ``model.batched_slots=true``: P renders, one denoiser call, one backward.
 
 ``threshold=0`` makes every round a full window of P evaluations whatever the convergence, so the per-round time
-is the cost of a round, not of a trajectory. Rounds are timed between ``on_train_batch_end`` calls (CUDA
+is the cost of a round, not of a trajectory. Rounds are timed between round ends (``at_round_end``; CUDA
 synchronised), only rounds of P slots (the window is cut before ``max_steps``), after ``--warmup`` rounds; the
 median is reported. Each (configuration, P) pair is measured in both orders (one-by-one first, then batched
 first): the machine may be shared, and its load average is printed next to each figure.
@@ -50,7 +50,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_picard import PicardStrategy
+from lightning_picard import PicardStrategy, at_round_end
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
@@ -168,13 +168,15 @@ def build_random_sd21(folder: Path) -> Path:
 
 
 class RoundTimer(pl.Callback):
-    """Times between ``on_train_batch_end`` calls (one per Picard round, or per sequential step)."""
+    """Times between round ends (``on_train_batch_end`` of a Picard round's last step, or every sequential step)."""
 
     def __init__(self, slots: int | None) -> None:
         self.slots = slots
         self.marks: list[tuple[float, bool]] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if not at_round_end(trainer):
+            return
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
         full = True

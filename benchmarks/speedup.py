@@ -67,7 +67,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.convergence_cases import fidelity_ratio
-from lightning_picard import PicardStrategy
+from lightning_picard import PicardStrategy, at_round_end
 from lightning_picard.hooks import picard_parameters
 from recipes.cli import RecipeCLI
 from recipes.data.procedural import held_out_cameras
@@ -195,7 +195,7 @@ class _RunRecord(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         window = getattr(trainer.strategy, "window", None)
-        if window is not None:
+        if window is not None and at_round_end(trainer):
             self.thresholds.append(float(window.threshold))
             self.strides.append(trainer.global_step - self._steps)
             self._steps = trainer.global_step

@@ -12,7 +12,7 @@ Runs, each ``--steps`` optimizer steps with a CSV logger (``log_every_n_steps=1`
 - ``picard-2``: two processes (``picard_fork``, gloo), window ``--window``.
 
 Picard runs use ``threshold=inf`` (every guess is accepted: a round replays ``P`` steps and never replays
-again), so a round is ``P`` steps. Timed between ``on_train_batch_end`` calls after ``--warmup`` of them; the
+again), so a round is ``P`` steps. Timed between round ends (``at_round_end``) after ``--warmup`` of them; the
 report gives the median time per optimizer step and per round, and the round's overhead: its time less the
 gradient evaluations it contains (slots per rank × the sequential step's evaluation time, measured in the
 same process by timing ``training_step`` + ``backward``).
@@ -38,7 +38,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_picard import PicardStrategy, StepSeed
+from lightning_picard import PicardStrategy, StepSeed, at_round_end
 
 
 class _Steps(Dataset):
@@ -77,14 +77,16 @@ class CheapModule(pl.LightningModule):
 
 
 class _BatchTimes(pl.Callback):
-    """Wall time at every ``on_train_batch_end``, with the global step then (written by rank 0 to ``path``)."""
+    """Wall time at every round's end (every step of a sequential run), with the global step then (written by rank 0
+    to ``path``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.marks: list[tuple[float, int]] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.marks.append((time.perf_counter(), trainer.global_step))
+        if at_round_end(trainer):
+            self.marks.append((time.perf_counter(), trainer.global_step))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:

@@ -22,7 +22,7 @@ from lightning_picard.rng import current_step_seed, step_generator, step_rng, st
 from lightning_picard.shard import BatchShard, batch_shard
 from lightning_picard.slots import PicardSlot
 from lightning_picard.snapshot import OptimizerSnapshot
-from lightning_picard.strategy import PicardStrategy
+from lightning_picard.strategy import PicardStrategy, at_round_end
 from lightning_picard.window import PicardWindow, RoundResult
 
 __version__ = "0.1.0.dev0"
@@ -39,6 +39,7 @@ __all__ = [
     "PicardWindow",
     "RoundResult",
     "StepSeed",
+    "at_round_end",
     "batch_shard",
     "current_step_seed",
     "local_parameters",

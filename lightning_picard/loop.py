@@ -95,6 +95,8 @@ class PicardEpochLoop(TrainingEpochLoop):
         self._resume_skip = 0
         self._fingerprint_checked = False
         self._logged: dict[int, list[tuple[str, Any, int]]] = {}
+        self._started_until: int | None = None  # the first step whose on_train_batch_start has not run
+        self._epoch_ends_at: int | None = None  # the step for which on_train_batch_start returned -1
 
     @property
     def strategy(self) -> PicardStrategy:
@@ -113,6 +115,7 @@ class PicardEpochLoop(TrainingEpochLoop):
         super().reset()
         self._batches.clear()
         self._exhausted = False
+        self._started_until = self._epoch_ends_at = None
 
     @override
     def on_run_start(self, data_fetcher: DataFetcher) -> None:
@@ -152,19 +155,19 @@ class PicardEpochLoop(TrainingEpochLoop):
         picard_round = self.strategy.round
         tau = self.global_step
         first_batch_idx = self.batch_idx + 1
+        if (
+            self._epoch_ends_at == tau
+        ):  # on_train_batch_start returned -1 for this step, now the window's first
+            self._skip_rest_of_epoch()
         limit = self._window_limit(tau, first_batch_idx)
         self._fill(data_fetcher, limit, first_batch_idx)
         if not self._batches:
             raise StopIteration
         n = min(limit, len(self._batches))
 
-        batch = self._batches[0]
-        compat.logger_connector(trainer).on_batch_start(batch)
-        call_callback_hooks(trainer, "on_train_batch_start", batch, first_batch_idx)
-        response = call_lightning_module_hook(trainer, "on_train_batch_start", batch, first_batch_idx)
-        call_strategy_hook(trainer, "on_train_batch_start", batch, first_batch_idx)
-        if response == -1:
-            self._skip_rest_of_epoch()
+        compat.logger_connector(trainer).on_batch_start(self._batches[0])
+        call_strategy_hook(trainer, "on_train_batch_start", self._batches[0], first_batch_idx)
+        n = self._start_steps(tau, n, first_batch_idx)
 
         if not self._fingerprint_checked:
             self._check_same_batches(n, tau)
@@ -174,7 +177,7 @@ class PicardEpochLoop(TrainingEpochLoop):
         with trainer.profiler.profile("picard_gather"):
             status = picard_round.gather(tau, n)
         if status.failed:
-            self._accept_before_failure(status, tau, first_batch_idx)
+            self._accept_before_failure(status, outputs, tau, first_batch_idx)
             self._raise_if_a_rank_failed(status, failure)
         if status.sigterm:  # as Lightning's loop, where rank 0's flag is broadcast before every step
             raise SIGTERMException()
@@ -182,24 +185,81 @@ class PicardEpochLoop(TrainingEpochLoop):
         with trainer.profiler.profile("picard_replay"):
             result = self._replay(tau, n, status, first_batch_idx)
         skip = result.skip
-        del self._batches[:skip]
+        accepted, self._batches[:skip] = self._batches[:skip], []
         self._count_steps(skip)
         self._apply_logged(skip)
         self._log_round(result, len(status.nonfinite))
         if status.stops and skip == n and status.stops[0] == n - 1:
             trainer.should_stop = True
-        outputs = self._round_outputs(outputs, status)
 
         if self._num_ready_batches_reached():
             self.update_lr_schedulers("epoch", update_plateau_schedulers=False)
-        # As after a sequential step: the parent's on_advance_end (or a resume) adds the last one.
-        self._batches_that_stepped = tau + skip - 1
-        last_batch_idx = first_batch_idx + skip - 1
-        call_callback_hooks(trainer, "on_train_batch_end", outputs, batch, last_batch_idx)
-        call_lightning_module_hook(trainer, "on_train_batch_end", outputs, batch, last_batch_idx)
-        compat.logger_connector(trainer).on_batch_end()
+        self._end_steps(tau, accepted, first_batch_idx, self._step_outputs(outputs, status, skip))
         self.batch_progress.increment_completed()
         self._send_to_loggers(tau, skip)
+
+    def _start_steps(self, tau: int, n: int, first_batch_idx: int) -> int:
+        """Run ``on_train_batch_start`` (callbacks, then the module) of the round's steps that have not had it: once
+        per step, before the step's first evaluation, with ``global_step`` reading that step. Returns the slots to
+        evaluate: ``n``, or fewer if the hook returned -1 for a later step (the epoch ends before it once the steps
+        before it are taken; for step τ it ends now, as in Lightning)."""
+        trainer = self.trainer
+        results = compat.training_results(trainer)
+        stepped = self._batches_that_stepped
+        first = tau if self._started_until is None else max(self._started_until, tau)
+        for step in range(first, tau + n):
+            j = step - tau
+            batch, batch_idx = self._batches[j], first_batch_idx + j
+            self._evaluating_step = step
+            self._batches_that_stepped = stepped + j
+            results.batch, results.batch_size = batch, None
+            try:
+                call_callback_hooks(trainer, "on_train_batch_start", batch, batch_idx)
+                response = call_lightning_module_hook(trainer, "on_train_batch_start", batch, batch_idx)
+            finally:
+                self._evaluating_step = None
+                self._batches_that_stepped = stepped
+            self._started_until = step + 1
+            if response == -1:
+                if j == 0:
+                    self._skip_rest_of_epoch()
+                self._epoch_ends_at = step
+                n = j
+                break
+        results.batch, results.batch_size = self._batches[0], None
+        return n
+
+    def _end_steps(self, tau: int, batches: list[Any], first_batch_idx: int, outputs: list[Any]) -> None:
+        """Run ``on_train_batch_end`` of each accepted step, with its batch and output, in step order.
+
+        The module holds the round's end state (step τ + skip) in all of them. Callbacks and the module see
+        ``global_step`` read the step after the hook's own; Lightning's checkpoint and early-stopping callbacks see
+        τ + skip, the step of the state they save or compare, so a checkpoint written from any of them is labelled
+        with the state it holds.
+        """
+        trainer = self.trainer
+        results = compat.training_results(trainer)
+        self._evaluating_step = None
+        try:
+            for j, (batch, output) in enumerate(zip(batches, outputs)):
+                batch_idx = first_batch_idx + j
+                self._batches_that_stepped = (
+                    tau + j
+                )  # as after a sequential step: on_advance_end adds the last one
+                results.batch, results.batch_size = batch, None
+                self._evaluating_step = tau + j + 1
+                call_callback_hooks(
+                    trainer, "on_train_batch_end", output, batch, batch_idx, monitoring_callbacks=False
+                )
+                self._evaluating_step = None
+                call_callback_hooks(
+                    trainer, "on_train_batch_end", output, batch, batch_idx, monitoring_callbacks=True
+                )
+                self._evaluating_step = tau + j + 1
+                call_lightning_module_hook(trainer, "on_train_batch_end", output, batch, batch_idx)
+        finally:
+            self._evaluating_step = None
+        compat.logger_connector(trainer).on_batch_end()
 
     @override
     def on_advance_end(self, data_fetcher: DataFetcher) -> None:
@@ -262,6 +322,8 @@ class PicardEpochLoop(TrainingEpochLoop):
             limit = min(limit, int(batches) - first_batch_idx)  # a window never spans two epochs
         if self.max_steps >= 0:
             limit = min(limit, self.max_steps - tau)
+        if self._epoch_ends_at is not None:
+            limit = min(limit, self._epoch_ends_at - tau)
         for checkpoint in trainer.checkpoint_callbacks:
             every = getattr(checkpoint, "_every_n_train_steps", 0) or 0
             if every > 0:
@@ -546,24 +608,53 @@ class PicardEpochLoop(TrainingEpochLoop):
                         stepped.add(key)
         self._logged = {}
 
-    def _round_outputs(self, outputs: dict[int, Any], status: RoundStatus) -> Any:
-        """What ``on_train_batch_end`` receives on every rank: the output of step τ.
+    def _step_outputs(self, outputs: dict[int, Any], status: RoundStatus, skip: int) -> list[Any]:
+        """What ``on_train_batch_end`` receives on every rank for each accepted step: the step's output.
 
-        The rank that evaluated it passes its own; the others rebuild it from the loss in the gathered status, or,
-        when ``training_step`` returned more than its loss, receive it from rank 0.
+        The rank that evaluated a step passes its own; the others rebuild it from the loss in the gathered status,
+        or, when ``training_step`` returned more than its loss, receive it from a rank that evaluated it (with
+        slot groups, the member for the same part), in one object gather for the round.
         """
         strategy = self.strategy
         if strategy.world_size == 1:
-            return outputs.get(0)
-        if status.loss is None:
-            return {}
-        if status.loss_only:
-            if 0 in outputs:
-                return outputs[0]
-            return {"loss": status.loss.to(strategy.root_device)}
-        local = apply_to_collection(outputs.get(0), torch.Tensor, lambda t: t.detach().cpu())
-        shared = strategy.broadcast(local, src=0)
-        return apply_to_collection(shared, torch.Tensor, lambda t: t.to(strategy.root_device))
+            return [outputs.get(j) for j in range(skip)]
+        shared: dict[int, Any] = {}
+        if any(status.losses[j] is not None and not status.loss_only[j] for j in range(skip)):
+            shared = self._share_outputs(outputs, status, skip)
+        steps: list[Any] = []
+        for j in range(skip):
+            loss = status.losses[j]
+            if j in outputs:
+                steps.append(outputs[j])
+            elif loss is None:
+                steps.append({})
+            elif status.loss_only[j]:
+                steps.append({"loss": loss.to(strategy.root_device)})
+            else:
+                steps.append(shared[j])
+        return steps
+
+    def _share_outputs(self, outputs: dict[int, Any], status: RoundStatus, skip: int) -> dict[int, Any]:
+        """The accepted outputs with more than a loss that this rank did not evaluate, from ranks that did."""
+        strategy = self.strategy
+        mine = {
+            j: apply_to_collection(outputs[j], torch.Tensor, lambda t: t.detach().cpu())
+            for j in range(skip)
+            if j in outputs and not status.loss_only[j]
+        }
+        everyone = strategy.all_gather_objects(mine)
+        group_size = strategy.slot_group_size
+        member = strategy.global_rank % group_size
+        shared: dict[int, Any] = {}
+        for rank, theirs in enumerate(everyone):
+            if rank % group_size != member:
+                continue
+            for j, output in theirs.items():
+                if j not in outputs:
+                    shared[j] = apply_to_collection(
+                        output, torch.Tensor, lambda t: t.to(strategy.root_device)
+                    )
+        return shared
 
     def _replay(self, tau: int, n: int, status: RoundStatus, first_batch_idx: int) -> RoundResult:
         """The round's replay of its first ``n`` slots through the user's ``optimizer_step`` and step hook."""
@@ -575,18 +666,22 @@ class PicardEpochLoop(TrainingEpochLoop):
             extrapolate_update=lambda j: self._apply_update(tau + j, first_batch_idx + j, step_hook=False),
         )
 
-    def _accept_before_failure(self, status: RoundStatus, tau: int, first_batch_idx: int) -> None:
+    def _accept_before_failure(
+        self, status: RoundStatus, outputs: dict[int, Any], tau: int, first_batch_idx: int
+    ) -> None:
         """Before raising an evaluation's error: replay and accept the steps before it, as a sequential run would
-        have taken them, so that a checkpoint written on the exception holds them (none is lost)."""
+        have taken them (with their ``on_train_batch_end``), so that a checkpoint written on the exception holds
+        them (none is lost)."""
         failed_slot = min(step for step, _ in status.failed) - tau
         good = status.accepted_limit(failed_slot)
         if good == 0:
             return
         result = self._replay(tau, good, status, first_batch_idx)
         skip = result.skip
-        del self._batches[:skip]
+        accepted, self._batches[:skip] = self._batches[:skip], []
         self._count_steps(skip)
         self._apply_logged(skip)
+        self._end_steps(tau, accepted, first_batch_idx, self._step_outputs(outputs, status, skip))
         self.batch_progress.increment_completed()
         self._batches_that_stepped = tau + skip
 

@@ -128,8 +128,8 @@ class RoundStatus:
         stops: slots whose ``training_step`` set ``trainer.should_stop``.
         sigterm: whether any rank received SIGTERM before this round.
         presence: per slot, which parameter tensors have a gradient.
-        loss: the loss of slot 0 (step τ), ``None`` if it returned none.
-        loss_only: whether slot 0's ``training_step`` returned nothing but its loss.
+        losses: per slot, its loss (for this rank's part with slot groups), ``None`` where it returned none.
+        loss_only: per slot, whether its ``training_step`` returned nothing but its loss.
     """
 
     failed: list[tuple[int, int]]
@@ -137,8 +137,8 @@ class RoundStatus:
     stops: list[int]
     sigterm: bool
     presence: list[list[bool]]
-    loss: torch.Tensor | None
-    loss_only: bool
+    losses: list[torch.Tensor | None]
+    loss_only: list[bool]
 
     def accepted_limit(self, n: int) -> int:
         """Slots the replay may accept: up to the first non-finite guess (not on the true trajectory unless it is
@@ -298,24 +298,25 @@ class PicardRound:
             for index, row in enumerate(everyone)
             if row[columns["failed"]]
         ]
-        kind = rows[0][columns["loss_kind"]]
-        loss = None
-        if kind:
-            dtype = _LOSS_DTYPES[(kind - _LOSS_ONLY) % len(_LOSS_DTYPES)]
-            bits = rows[0][columns["loss"] : columns["loss"] + self._loss_columns]
-            loss = (
-                torch.tensor(bits, dtype=_INTEGER_VIEW[gathered.element_size()]).view(torch.float64).to(dtype)
-            )
-            loss = loss.reshape(())
+        kinds = [row[columns["loss_kind"]] for row in rows]
+        integer = _INTEGER_VIEW[gathered.element_size()]
+        losses = [self._loss(row, kind, integer) if kind else None for row, kind in zip(rows, kinds)]
         return RoundStatus(
             failed=failed,
             nonfinite=[j for j in range(n) if any(row[columns["nonfinite"]] for row in slot_status[j])],
             stops=[j for j in range(n) if any(row[columns["stop"]] for row in slot_status[j])],
             sigterm=any(row[columns["sigterm"]] for row in everyone),
             presence=[[bool(v) for v in row[self._status :]] for row in rows],
-            loss=loss,
-            loss_only=0 < kind < _LOSS_AND_MORE,
+            losses=losses,
+            loss_only=[0 < kind < _LOSS_AND_MORE for kind in kinds],
         )
+
+    def _loss(self, row: list[int], kind: int, integer: torch.dtype) -> torch.Tensor:
+        """A slot's loss from its status row, in the dtype it was recorded in."""
+        dtype = _LOSS_DTYPES[(kind - _LOSS_ONLY) % len(_LOSS_DTYPES)]
+        column = self._columns["loss"]
+        bits = row[column : column + self._loss_columns]
+        return torch.tensor(bits, dtype=integer).view(torch.float64).to(dtype).reshape(())
 
     def _average_over_slot_group(self, local: torch.Tensor) -> None:
         """Average this group's rows over its members; each member's status columns stay its own, and a slot is

@@ -212,8 +212,19 @@ class PicardStrategy(DDPStrategy):
     @property
     def last_round(self) -> RoundResult | None:
         """The latest round's :class:`~lightning_picard.window.RoundResult` (its per-slot ``errors``, ``skip`` and
-        ``threshold``), set before that round's ``on_train_batch_end``; ``None`` before the first round."""
+        ``threshold``), set before the ``on_train_batch_end`` of that round's steps; ``None`` before the first round."""
         return self.round.last_result if self.round is not None else None
+
+    @property
+    def at_round_end(self) -> bool:
+        """Whether ``trainer.global_step`` is the end of the latest round (τ + skip): true in the
+        ``on_train_batch_end`` of a round's last accepted step, false in those of the steps before it. A callback
+        that acts once per round, or only where the module holds the step's own state (it holds the round's end
+        state in every ``on_train_batch_end`` of the round), checks it. ``False`` before the first round."""
+        last = self.last_round
+        if last is None or self.lightning_module is None:
+            return False
+        return self.lightning_module.trainer.global_step == last.window_start + last.skip
 
     @property
     def flat(self) -> FlatParameters | None:
@@ -468,6 +479,14 @@ class PicardStrategy(DDPStrategy):
             )
         return super().all_gather(tensor, group=group, sync_grads=sync_grads)
 
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order (``[obj]`` with one rank); every rank must call it."""
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def gather_rows(self, local: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """All-gather every rank's ``[slots_per_rank, L]`` gradient rows in one collective.
 
@@ -675,3 +694,11 @@ def _convergence_policy(
             "and adapts up to max_threshold. Raise max_threshold or lower the tolerance/threshold."
         )
     return units, value, decay
+
+
+def at_round_end(trainer: pl.Trainer) -> bool:
+    """Whether a callback that acts once per Picard round should act now, in ``on_train_batch_end``: the step is its
+    round's last (:attr:`PicardStrategy.at_round_end`). Always ``True`` under another strategy, where every step is
+    a round of one."""
+    strategy = trainer.strategy
+    return strategy.at_round_end if isinstance(strategy, PicardStrategy) else True

@@ -65,9 +65,10 @@ class EpochScheduled(ToyRegression):
         return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1)]
 
 
-@pytest.mark.parametrize("skip_at", [0, 4, 8])
+@pytest.mark.parametrize("skip_at", [0, 3, 4, 5, 8])
 def test_on_train_batch_start_returning_minus_one_ends_the_epoch_as_lightning_does(skip_at):
-    """The hook runs once per round, at step τ; with every guess accepted the rounds start at 0, 4, 8."""
+    """The hook runs for each step before its first evaluation; with every guess accepted the rounds start at 0, 4,
+    8, so -1 at 3 or 5 comes from a step that was to be a guess: the window is cut before it."""
     sequential = _fit(EpochScheduled(skip_at), max_steps=-1, max_epochs=3)
     trainer = _fit(
         EpochScheduled(skip_at), devices=1, window_size=4, threshold=1.0, max_steps=-1, max_epochs=3
@@ -267,6 +268,127 @@ def test_a_training_step_returning_none_warns_through_lightnings_own_cache():
         Closure.warning_cache.clear()
         with pytest.warns(UserWarning, match="training_step` returned `None"):
             _fit(SkipsSomeSteps(), devices=1, window_size=3)
+
+
+class RecordsBatchHooks(Callback):
+    """Every ``on_train_batch_start``/``end`` call: (hook, batch_idx, global_step, the output's loss)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.calls.append(("start", batch_idx, trainer.global_step, None))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"].detach().clone() if isinstance(outputs, dict) and "loss" in outputs else None
+        self.calls.append(("end", batch_idx, trainer.global_step, loss))
+
+
+def _hook_calls(recorder, hook):
+    return [(batch_idx, step) for name, batch_idx, step, _ in recorder.calls if name == hook]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_batch_hooks_run_once_per_step_with_lightnings_batch_idx_and_global_step(threshold):
+    """Two epochs of 10 batches, window 4: each step's start hook once before it, its end hook once after it, with
+    the sequential run's batch_idx and global_step; at threshold 0 each end hook gets that step's own loss."""
+    kwargs = dict(max_steps=-1, max_epochs=2, data=regression_data(n=40))
+    sequential, picard = RecordsBatchHooks(), RecordsBatchHooks()
+    _fit(ToyRegression(), callbacks=[sequential], **kwargs)
+    trainer = _fit(
+        ToyRegression(), devices=1, window_size=4, threshold=threshold, callbacks=[picard], **kwargs
+    )
+    assert trainer.callback_metrics["picard/rounds"].item() < 20
+    for hook in ("start", "end"):
+        assert _hook_calls(picard, hook) == _hook_calls(sequential, hook), hook
+    assert _hook_calls(picard, "start")[:3] == [(0, 0), (1, 1), (2, 2)]
+    assert _hook_calls(picard, "end")[:3] == [(0, 1), (1, 2), (2, 3)]
+    ends = [call for call in picard.calls if call[0] == "end"]
+    reference = [call for call in sequential.calls if call[0] == "end"]
+    if threshold == 0.0:
+        assert all(torch.equal(a[3], b[3]) for a, b in zip(ends, reference))
+    else:
+        assert all(a[3] is not None for a in ends)
+
+
+class LogsInBatchHooks(ToyRegression):
+    def on_train_batch_start(self, batch, batch_idx):
+        self.log("starts", 1.0, on_step=False, on_epoch=True, reduce_fx="sum")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.log("ends", 1.0, on_step=False, on_epoch=True, reduce_fx="sum")
+        self.log("end_step", float(self.global_step), on_step=False, on_epoch=True, reduce_fx="max")
+
+
+def test_values_logged_in_the_batch_hooks_count_each_step_once():
+    trainer = _fit(LogsInBatchHooks(), devices=1, window_size=4, threshold=1.0, max_steps=-1, max_epochs=1)
+    metrics = {key: trainer.callback_metrics[key].item() for key in ("starts", "ends", "end_step")}
+    assert metrics == {"starts": 16.0, "ends": 16.0, "end_step": 16.0}
+
+
+class CountsCheckpointCalls(pl.callbacks.ModelCheckpoint):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.ends = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ends.append((trainer.global_step, lp.at_round_end(trainer)))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def test_checkpoint_callbacks_see_the_step_of_the_state_they_save(tmp_path):
+    """The module holds the round's end state in every end hook of the round: a checkpoint callback, called at
+    every step, sees that state's global_step, so a checkpoint is labelled with the state it holds."""
+    checkpoint = CountsCheckpointCalls(dirpath=tmp_path, train_time_interval=timedelta(0), save_top_k=-1)
+    trainer = _fit(
+        ToyRegression(),
+        devices=1,
+        window_size=4,
+        threshold=1.0,
+        max_steps=12,
+        callbacks=[checkpoint],
+        enable_checkpointing=True,
+    )
+    rounds = int(trainer.callback_metrics["picard/rounds"].item())
+    assert len(checkpoint.ends) == 12 and all(at_end for _, at_end in checkpoint.ends)
+    round_ends = sorted({step for step, _ in checkpoint.ends})
+    assert len(round_ends) == rounds < 12
+    saved = sorted(int(path.stem.split("step=")[1]) for path in tmp_path.glob("*.ckpt"))
+    assert saved == round_ends
+    for path in tmp_path.glob("*.ckpt"):
+        assert torch.load(path, weights_only=False)["global_step"] == int(path.stem.split("step=")[1])
+
+
+class ReturnsMore(ToyRegression):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return {"loss": loss, "step": torch.tensor(self.global_step)}
+
+
+class RecordsOutputs(Callback):
+    def __init__(self, folder):
+        self.folder = folder
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append(
+            (trainer.global_step, float(outputs["loss"]), int(outputs["step"]) if "step" in outputs else None)
+        )
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(self.seen, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("module", [ToyRegression, ReturnsMore])
+def test_every_rank_gets_every_accepted_steps_own_output(tmp_path, module):
+    """Two ranks, window 3, threshold 0: each rank's end hook of step s gets step s's loss (and the rest of its
+    output), whichever rank evaluated it."""
+    reference = RecordsOutputs(tmp_path)
+    _fit(module(), callbacks=[reference])
+    _fit(module(), devices=2, window_size=3, callbacks=[RecordsOutputs(tmp_path)])
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == reference.seen
 
 
 class RequiresOutputs(Callback):

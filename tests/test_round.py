@@ -39,8 +39,9 @@ def test_status_is_exact_in_every_dtype(dtype):
     assert status.failed == [(tau + 2, 0)]
     assert status.nonfinite == [1] and status.stops == [0] and status.sigterm
     assert status.presence[0] == [True, False]
-    assert status.loss is not None and status.loss.dtype == loss.dtype and status.loss.item() == loss.item()
-    assert status.loss_only
+    first = status.losses[0]
+    assert first is not None and first.dtype == loss.dtype and first.item() == loss.item()
+    assert status.losses[1:] == [None, None] and status.loss_only == [True, False, False]
     assert status.accepted_limit(3) == 1, "the step that asked to stop is the last accepted"
 
 
@@ -51,10 +52,10 @@ def test_a_slot_that_returned_more_than_its_loss_is_marked():
         p.grad = torch.zeros_like(p)
     picard_round.record_slot(0, loss=torch.tensor(2.0), more=True)
     status = picard_round.gather(0, 1)
-    assert status.loss.item() == 2.0 and not status.loss_only and not status.sigterm
+    assert status.losses[0].item() == 2.0 and status.loss_only == [False] and not status.sigterm
     picard_round.begin(1)
     picard_round.record_slot(0)
-    assert picard_round.gather(0, 1).loss is None
+    assert picard_round.gather(0, 1).losses == [None]
 
 
 def test_a_nonfinite_guess_cuts_the_accepted_slots_but_the_anchor_does_not():
@@ -102,15 +103,20 @@ def test_the_strategy_exposes_the_last_round_to_callbacks():
     seen = []
 
     class Watch(pl.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            seen.append(trainer.strategy.last_round)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.global_step, trainer.strategy.last_round, trainer.strategy.at_round_end))
 
     strategy = lp.PicardStrategy(window_size=3, tolerance=1.0)
-    assert strategy.last_round is None
+    assert strategy.last_round is None and not strategy.at_round_end
     trainer = pl.Trainer(
         devices=1, strategy=strategy, **quiet_trainer_kwargs(max_steps=9, callbacks=[Watch()])
     )
     trainer.fit(ToyRegression(), regression_data())
-    assert 3 <= len(seen) <= 9, "one result per round"
-    assert [r.window_start for r in seen] == sorted({r.window_start for r in seen})
-    assert sum(r.skip for r in seen) == 9 and all(len(r.errors) <= 3 for r in seen)
+    assert [step for step, _, _ in seen] == list(range(1, 10)), "one call per step, global_step after it"
+    rounds = [result for _, result, end in seen if end]
+    assert 3 <= len(rounds) <= 9 and len({id(r) for r in rounds}) == len(rounds), "one round end per round"
+    assert [r.window_start for r in rounds] == sorted({r.window_start for r in rounds})
+    assert sum(r.skip for r in rounds) == 9 and all(len(r.errors) <= 3 for r in rounds)
+    for step, result, end in seen:
+        assert result.window_start < step <= result.window_start + result.skip
+        assert end == (step == result.window_start + result.skip)
