@@ -7,7 +7,8 @@ Usage (outside CI: it needs a Lightning checkout of the pinned version, lightnin
         tests_pytorch/loops/test_training_loop.py tests_pytorch/trainer/logging_/test_train_loop_logging.py
 
 The Picard run forces one CPU thread per process and the fork start method for more than one device. A test
-that passes stock and fails under Picard is listed with the first line of its failure.
+that passes stock and fails under Picard is listed with the first line of its failure. ``--without-round-metrics``
+forces ``log_round_metrics=False`` as well, so that tests asserting the exact set of logged keys see the stock keys.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ DEFAULT_FILES = (
 
 PLUGIN = '''
 """pytest plugin: every CPU "auto"/"ddp*" strategy of lightning.pytorch.Trainer becomes PicardStrategy."""
+import os
+
 import torch
 import lightning.pytorch as pl
 import lightning_picard
@@ -55,7 +58,10 @@ def _picard_init(self, *args, **kwargs):
         devices = kwargs.get("devices", "auto")
         count = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, list) else 1)
         kwargs["strategy"] = lightning_picard.PicardStrategy(
-            window_size=2, threshold=0.0, start_method="fork" if count > 1 else "popen"
+            window_size=2,
+            threshold=0.0,
+            start_method="fork" if count > 1 else "popen",
+            log_round_metrics=os.environ.get("PICARD_ROUND_METRICS", "1") == "1",
         )
         kwargs["accelerator"] = "cpu"
     _init(self, *args, **kwargs)
@@ -65,10 +71,23 @@ pl.Trainer.__init__ = _picard_init
 '''
 
 
-def run(checkout: Path, files: list[str], picard: bool, timeout: float, workdir: Path) -> dict[str, str]:
+def run(
+    checkout: Path,
+    files: list[str],
+    picard: bool,
+    timeout: float,
+    workdir: Path,
+    round_metrics: bool = True,
+) -> dict[str, str]:
     """Run each of ``files`` with pytest in ``checkout/tests``; returns test id → "passed" / "failed: …" /
-    "skipped", and file → "timeout" for a file that did not finish within ``timeout`` seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(PROJECT), str(workdir)])}
+    "skipped", and file → "timeout" for a file that did not finish within ``timeout`` seconds.
+    ``round_metrics``: the forced strategy logs its ``picard/*`` metrics (``log_round_metrics``)."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(PROJECT), str(workdir)]),
+        "PICARD_ROUND_METRICS": "1" if round_metrics else "0",
+    }
     (workdir / "picard_force.py").write_text(PLUGIN)
     outcomes: dict[str, str] = {}
     for index, file in enumerate(files):
@@ -113,10 +132,18 @@ def _outcomes(report: Path) -> dict[str, str]:
     return outcomes
 
 
-def table(stock: dict[str, str], picard: dict[str, str], files: list[str], version: str, tests: str) -> str:
+def table(
+    stock: dict[str, str],
+    picard: dict[str, str],
+    files: list[str],
+    version: str,
+    tests: str,
+    without_round_metrics: bool = False,
+) -> str:
+    flag = " --without-round-metrics" if without_round_metrics else ""
     lines = [
         f"Lightning {tests}'s tests against the installed lightning {version}, measured "
-        f"{datetime.date.today().isoformat()} (`python benchmarks/lightning_conformance.py`):",
+        f"{datetime.date.today().isoformat()} (`python benchmarks/lightning_conformance.py{flag}`):",
         "",
         "| file | stock passed | Picard passed | passing stock, failing under Picard |",
         "|---|---|---|---|",
@@ -155,14 +182,28 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per file and run")
     parser.add_argument("--tests-version", default="the checkout", help="the checkout's tag, for the table")
+    parser.add_argument(
+        "--without-round-metrics",
+        action="store_true",
+        help="force PicardStrategy(log_round_metrics=False): the logged keys are then the stock run's",
+    )
     args = parser.parse_intermixed_args()
     import lightning
 
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(scratch)
         stock = run(args.checkout, args.files, picard=False, timeout=args.timeout, workdir=workdir)
-        picard = run(args.checkout, args.files, picard=True, timeout=args.timeout, workdir=workdir)
-    text = table(stock, picard, args.files, lightning.__version__, args.tests_version)
+        picard = run(
+            args.checkout,
+            args.files,
+            picard=True,
+            timeout=args.timeout,
+            workdir=workdir,
+            round_metrics=not args.without_round_metrics,
+        )
+    text = table(
+        stock, picard, args.files, lightning.__version__, args.tests_version, args.without_round_metrics
+    )
     if args.out is None:
         print(text)
     else:

@@ -188,7 +188,8 @@ class PicardEpochLoop(TrainingEpochLoop):
         accepted, self._batches[:skip] = self._batches[:skip], []
         self._count_steps(skip)
         self._apply_logged(skip)
-        self._log_round(result, len(status.nonfinite))
+        if self.strategy.log_round_metrics:
+            self._log_round(result, len(status.nonfinite))
         if status.stops and skip == n and status.stops[0] == n - 1:
             trainer.should_stop = True
 

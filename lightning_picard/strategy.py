@@ -107,6 +107,10 @@ class PicardStrategy(DDPStrategy):
             processes; the window then has ``world_size / G`` slots unless ``window_size`` says otherwise.
             ``1`` is time-parallel only; G equal to the number of processes with ``window_size=1`` is plain
             data-parallel training. Default is ``1``.
+        log_round_metrics: log the ``picard/*`` metrics of every round (skip, rounds, threshold, errors,
+            steps per round) through ``self.log``, so they reach the loggers, the progress bar and
+            ``trainer.callback_metrics``. ``False`` leaves the logged keys exactly those of the sequential run
+            (``last_round`` still holds each round). Default is ``True``.
     """
 
     strategy_name = "picard"
@@ -130,6 +134,7 @@ class PicardStrategy(DDPStrategy):
         tolerance: float | None = None,
         max_threshold: float | None = None,
         slot_group_size: int = 1,
+        log_round_metrics: bool = True,
     ) -> None:
         if isinstance(slot_group_size, bool) or not isinstance(slot_group_size, int) or slot_group_size < 1:
             raise ValueError(
@@ -169,6 +174,7 @@ class PicardStrategy(DDPStrategy):
         self.error_units: Literal["step", "absolute"] = error_units  # type: ignore[assignment]
         self.max_threshold = None if max_threshold is None else float(max_threshold)
         self.slot_group_size = slot_group_size
+        self.log_round_metrics = bool(log_round_metrics)
         self.round: PicardRound | None = None
         self._slot_group: Any = None
         self._window_group: Any = None

@@ -14,7 +14,9 @@ import lightning_picard as lp
 from tests.toy import ToyRegression, final_parameters, quiet_trainer_kwargs, regression_data
 
 
-def _fit(module, devices=0, window_size=3, threshold=0.0, data=None, val=None, **trainer_kwargs):
+def _fit(
+    module, devices=0, window_size=3, threshold=0.0, data=None, val=None, round_metrics=True, **trainer_kwargs
+):
     """devices=0: the sequential reference (one device, StepSeed); else Picard on that many ranks."""
     if devices == 0:
         strategy, devices = "auto", 1
@@ -25,6 +27,7 @@ def _fit(module, devices=0, window_size=3, threshold=0.0, data=None, val=None, *
             threshold=threshold,
             start_method="fork" if devices > 1 else "popen",
             timeout=timedelta(seconds=60),
+            log_round_metrics=round_metrics,
         )
     trainer_kwargs.setdefault("max_steps", 12)
     trainer = pl.Trainer(devices=devices, strategy=strategy, **quiet_trainer_kwargs(**trainer_kwargs))
@@ -602,12 +605,14 @@ class LogsEveryStepAndAtTrainStart(ToyRegression):
 class RowRecorder(pl.loggers.Logger):
     name, version = "rows", 0
 
-    def __init__(self):
+    def __init__(self, keep_picard=False):
         super().__init__()
         self.rows = []
+        self.keep_picard = keep_picard
 
     def log_metrics(self, metrics, step=None):
-        self.rows.append((step, sorted(k for k in metrics if not k.startswith("picard/"))))
+        keys = (k for k in metrics if self.keep_picard or not k.startswith("picard/"))
+        self.rows.append((step, sorted(keys)))
 
     def log_hyperparams(self, *args, **kwargs):
         pass
@@ -631,3 +636,26 @@ def test_logger_rows_are_lightnings_rows_plus_the_picard_keys():
         rows[devices] = logger.rows
     assert rows[1] == rows[0]
     assert (0, ["epoch", "foo"]) in rows[0] and (0, ["epoch", "train_loss"]) in rows[0]
+
+
+def test_without_round_metrics_the_logged_keys_are_the_sequential_runs():
+    """log_round_metrics=False: the logger rows and the callback metrics hold exactly the sequential run's keys (a
+    row is written per round, at its first step, so there are fewer rows)."""
+    rows, metrics = {}, {}
+    for devices in (0, 1):
+        logger = RowRecorder(keep_picard=True)
+        trainer = _fit(
+            LogsInBatchHooks(),
+            devices=devices,
+            window_size=4,
+            threshold=1.0,
+            round_metrics=False,
+            logger=logger,
+            log_every_n_steps=2,
+            max_steps=10,
+        )
+        rows[devices], metrics[devices] = logger.rows, sorted(trainer.callback_metrics)
+    assert {tuple(keys) for _, keys in rows[1]} == {tuple(keys) for _, keys in rows[0]}
+    assert metrics[1] == metrics[0] and not any(key.startswith("picard/") for key in metrics[1])
+    with_metrics = _fit(LogsInBatchHooks(), devices=1, window_size=4, threshold=1.0, max_steps=10)
+    assert "picard/rounds" in with_metrics.callback_metrics
