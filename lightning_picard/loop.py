@@ -96,7 +96,8 @@ class PicardEpochLoop(TrainingEpochLoop):
         self._fingerprint_checked = False
         self._logged: dict[int, list[tuple[str, Any, int]]] = {}
         self._started_until: int | None = None  # the first step whose on_train_batch_start has not run
-        self._epoch_ends_at: int | None = None  # the step for which on_train_batch_start returned -1
+        # The step whose on_train_batch_start returned -1 (None) or raised (the exception), and what to do there.
+        self._stop_before: tuple[int, BaseException | None] | None = None
 
     @property
     def strategy(self) -> PicardStrategy:
@@ -115,7 +116,7 @@ class PicardEpochLoop(TrainingEpochLoop):
         super().reset()
         self._batches.clear()
         self._exhausted = False
-        self._started_until = self._epoch_ends_at = None
+        self._started_until = self._stop_before = None
 
     @override
     def on_run_start(self, data_fetcher: DataFetcher) -> None:
@@ -155,9 +156,10 @@ class PicardEpochLoop(TrainingEpochLoop):
         picard_round = self.strategy.round
         tau = self.global_step
         first_batch_idx = self.batch_idx + 1
-        if (
-            self._epoch_ends_at == tau
-        ):  # on_train_batch_start returned -1 for this step, now the window's first
+        if self._stop_before is not None and self._stop_before[0] == tau:  # now the window's first step
+            error, self._stop_before = self._stop_before[1], None
+            if error is not None:
+                raise error
             self._skip_rest_of_epoch()
         limit = self._window_limit(tau, first_batch_idx)
         self._fill(data_fetcher, limit, first_batch_idx)
@@ -201,9 +203,12 @@ class PicardEpochLoop(TrainingEpochLoop):
 
     def _start_steps(self, tau: int, n: int, first_batch_idx: int) -> int:
         """Run ``on_train_batch_start`` (callbacks, then the module) of the round's steps that have not had it: once
-        per step, before the step's first evaluation, with ``global_step`` reading that step. Returns the slots to
-        evaluate: ``n``, or fewer if the hook returned -1 for a later step (the epoch ends before it once the steps
-        before it are taken; for step τ it ends now, as in Lightning)."""
+        per step, before the step's first evaluation, with ``global_step`` reading that step.
+
+        Returns the slots to evaluate: ``n``, or fewer if the hook returned -1 or raised for a later step s. Then,
+        as in a sequential run, the steps before s are taken first: the epoch ends (or the exception is raised) when
+        s is the window's first step. For step τ that is now.
+        """
         trainer = self.trainer
         results = compat.training_results(trainer)
         stepped = self._batches_that_stepped
@@ -217,6 +222,11 @@ class PicardEpochLoop(TrainingEpochLoop):
             try:
                 call_callback_hooks(trainer, "on_train_batch_start", batch, batch_idx)
                 response = call_lightning_module_hook(trainer, "on_train_batch_start", batch, batch_idx)
+            except Exception as error:
+                if j == 0:
+                    raise
+                self._stop_before, n = (step, error), j
+                break
             finally:
                 self._evaluating_step = None
                 self._batches_that_stepped = stepped
@@ -224,8 +234,7 @@ class PicardEpochLoop(TrainingEpochLoop):
             if response == -1:
                 if j == 0:
                     self._skip_rest_of_epoch()
-                self._epoch_ends_at = step
-                n = j
+                self._stop_before, n = (step, None), j
                 break
         results.batch, results.batch_size = self._batches[0], None
         return n
@@ -323,8 +332,8 @@ class PicardEpochLoop(TrainingEpochLoop):
             limit = min(limit, int(batches) - first_batch_idx)  # a window never spans two epochs
         if self.max_steps >= 0:
             limit = min(limit, self.max_steps - tau)
-        if self._epoch_ends_at is not None:
-            limit = min(limit, self._epoch_ends_at - tau)
+        if self._stop_before is not None:
+            limit = min(limit, self._stop_before[0] - tau)
         for checkpoint in trainer.checkpoint_callbacks:
             every = getattr(checkpoint, "_every_n_train_steps", 0) or 0
             if every > 0:

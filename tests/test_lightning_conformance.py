@@ -581,6 +581,38 @@ def test_a_checkpoint_saved_on_an_exception_holds_the_steps_before_it(tmp_path, 
             assert torch.equal(saved["state_dict"][name], value), name
 
 
+class FailsBeforeStepFive(ToyRegression):
+    def on_train_batch_start(self, batch, batch_idx):
+        if batch_idx == 5:
+            raise RuntimeError("Trouble!")
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_an_exception_in_a_later_steps_start_hook_comes_after_the_steps_before_it(tmp_path, threshold):
+    """on_train_batch_start of step 5 runs while step 4 is the anchor (window 4): as in a sequential run, steps 0-4
+    are taken before its exception is raised, and the checkpoint written on it holds them."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(folder, devices):
+        checkpoint = ModelCheckpoint(dirpath=folder, filename="exception", save_on_exception=True)
+        with pytest.raises(RuntimeError, match="Trouble!"):
+            _fit(
+                FailsBeforeStepFive(),
+                devices=devices,
+                window_size=4,
+                threshold=threshold,
+                callbacks=[checkpoint],
+                enable_checkpointing=True,
+            )
+        return torch.load(folder / "exception.ckpt", weights_only=False)
+
+    saved, expected = fit(tmp_path / "picard", 1), fit(tmp_path / "sequential", 0)
+    assert saved["global_step"] == expected["global_step"] == 5
+    if threshold == 0.0:
+        for name, value in expected["state_dict"].items():
+            assert torch.equal(saved["state_dict"][name], value), name
+
+
 def test_the_picard_loop_is_the_loop_lightning_built():
     """Installing Picard keeps the epoch loop object (and whatever was attached to it, e.g. a patched method)."""
     trainer = pl.Trainer(
