@@ -249,13 +249,11 @@ class PicardEpochLoop(TrainingEpochLoop):
         """
         trainer = self.trainer
         results = compat.training_results(trainer)
-        self._evaluating_step = None
         try:
             for j, (batch, output) in enumerate(zip(batches, outputs)):
                 batch_idx = first_batch_idx + j
-                self._batches_that_stepped = (
-                    tau + j
-                )  # as after a sequential step: on_advance_end adds the last one
+                # As after a sequential step (on_advance_end adds the round's last one).
+                self._batches_that_stepped = tau + j
                 results.batch, results.batch_size = batch, None
                 self._evaluating_step = tau + j + 1
                 call_callback_hooks(
