@@ -212,7 +212,7 @@ class PicardEpochLoop(TrainingEpochLoop):
         trainer = self.trainer
         results = compat.training_results(trainer)
         stepped = self._batches_that_stepped
-        first = tau if self._started_until is None else max(self._started_until, tau)
+        first = max(self._started_until or 0, tau)
         for step in range(first, tau + n):
             j = step - tau
             batch, batch_idx = self._batches[j], first_batch_idx + j
@@ -627,19 +627,17 @@ class PicardEpochLoop(TrainingEpochLoop):
         if strategy.world_size == 1:
             return [outputs.get(j) for j in range(skip)]
         shared: dict[int, Any] = {}
-        if any(status.losses[j] is not None and not status.loss_only[j] for j in range(skip)):
+        if any(status.returned_more(j) for j in range(skip)):
             shared = self._share_outputs(outputs, status, skip)
         steps: list[Any] = []
         for j in range(skip):
-            loss = status.losses[j]
             if j in outputs:
                 steps.append(outputs[j])
-            elif loss is None:
-                steps.append({})
-            elif status.loss_only[j]:
-                steps.append({"loss": loss.to(strategy.root_device)})
-            else:
+            elif status.returned_more(j):
                 steps.append(shared[j])
+            else:
+                loss = status.loss(j)
+                steps.append({} if loss is None else {"loss": loss.to(strategy.root_device)})
         return steps
 
     def _share_outputs(self, outputs: dict[int, Any], status: RoundStatus, skip: int) -> dict[int, Any]:
@@ -648,7 +646,7 @@ class PicardEpochLoop(TrainingEpochLoop):
         mine = {
             j: apply_to_collection(outputs[j], torch.Tensor, lambda t: t.detach().cpu())
             for j in range(skip)
-            if j in outputs and not status.loss_only[j]
+            if j in outputs and status.returned_more(j)
         }
         everyone = strategy.all_gather_objects(mine)
         group_size = strategy.slot_group_size

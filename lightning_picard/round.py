@@ -128,8 +128,9 @@ class RoundStatus:
         stops: slots whose ``training_step`` set ``trainer.should_stop``.
         sigterm: whether any rank received SIGTERM before this round.
         presence: per slot, which parameter tensors have a gradient.
-        losses: per slot, its loss (for this rank's part with slot groups), ``None`` where it returned none.
-        loss_only: per slot, whether its ``training_step`` returned nothing but its loss.
+        loss_kinds: per slot, the status's loss code: 0 if it returned no loss, else what :meth:`loss` decodes.
+        loss_bits: per slot, its loss as the integer columns of its row (for this rank's part with slot groups).
+        integer: the integer dtype those columns are in.
     """
 
     failed: list[tuple[int, int]]
@@ -137,8 +138,32 @@ class RoundStatus:
     stops: list[int]
     sigterm: bool
     presence: list[list[bool]]
-    losses: list[torch.Tensor | None]
-    loss_only: list[bool]
+    loss_kinds: list[int]
+    loss_bits: list[list[int]]
+    integer: torch.dtype
+
+    @property
+    def loss_only(self) -> list[bool]:
+        """Per slot, whether its ``training_step`` returned nothing but its loss."""
+        return [0 < kind < _LOSS_AND_MORE for kind in self.loss_kinds]
+
+    def returned_more(self, j: int) -> bool:
+        """Whether slot ``j``'s ``training_step`` returned more than its loss."""
+        return self.loss_kinds[j] >= _LOSS_AND_MORE
+
+    def loss(self, j: int) -> torch.Tensor | None:
+        """Slot ``j``'s loss in the dtype it was recorded in, ``None`` if it returned none (decoded on demand: the
+        rank that evaluated a slot has its output already)."""
+        kind = self.loss_kinds[j]
+        if not kind:
+            return None
+        dtype = _LOSS_DTYPES[(kind - _LOSS_ONLY) % len(_LOSS_DTYPES)]
+        return torch.tensor(self.loss_bits[j], dtype=self.integer).view(torch.float64).to(dtype).reshape(())
+
+    @property
+    def losses(self) -> list[torch.Tensor | None]:
+        """Every slot's :meth:`loss`."""
+        return [self.loss(j) for j in range(len(self.loss_kinds))]
 
     def accepted_limit(self, n: int) -> int:
         """Slots the replay may accept: up to the first non-finite guess (not on the true trajectory unless it is
@@ -298,25 +323,17 @@ class PicardRound:
             for index, row in enumerate(everyone)
             if row[columns["failed"]]
         ]
-        kinds = [row[columns["loss_kind"]] for row in rows]
-        integer = _INTEGER_VIEW[gathered.element_size()]
-        losses = [self._loss(row, kind, integer) if kind else None for row, kind in zip(rows, kinds)]
+        loss = slice(columns["loss"], columns["loss"] + self._loss_columns)
         return RoundStatus(
             failed=failed,
             nonfinite=[j for j in range(n) if any(row[columns["nonfinite"]] for row in slot_status[j])],
             stops=[j for j in range(n) if any(row[columns["stop"]] for row in slot_status[j])],
             sigterm=any(row[columns["sigterm"]] for row in everyone),
             presence=[[bool(v) for v in row[self._status :]] for row in rows],
-            losses=losses,
-            loss_only=[0 < kind < _LOSS_AND_MORE for kind in kinds],
+            loss_kinds=[row[columns["loss_kind"]] for row in rows],
+            loss_bits=[row[loss] for row in rows],
+            integer=_INTEGER_VIEW[gathered.element_size()],
         )
-
-    def _loss(self, row: list[int], kind: int, integer: torch.dtype) -> torch.Tensor:
-        """A slot's loss from its status row, in the dtype it was recorded in."""
-        dtype = _LOSS_DTYPES[(kind - _LOSS_ONLY) % len(_LOSS_DTYPES)]
-        column = self._columns["loss"]
-        bits = row[column : column + self._loss_columns]
-        return torch.tensor(bits, dtype=integer).view(torch.float64).to(dtype).reshape(())
 
     def _average_over_slot_group(self, local: torch.Tensor) -> None:
         """Average this group's rows over its members; each member's status columns stay its own, and a slot is
