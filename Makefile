@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= disabled
 export WANDB_SILENT := true
 
-.PHONY: install test test-slow test-gpu lint format demo bench clean
+.PHONY: install test test-slow test-gpu lint format demo bench bench-gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ demo: $(STAMP)  # the demo config (best quality, densification), then its faithf
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
+
+bench-gpu: $(STAMP)  # on a CUDA machine: every GPU figure docs/benchmarks.md owes, into outputs/gpu_session
+	$(PY) benchmarks/gpu_session.py --out outputs/gpu_session
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
