@@ -187,9 +187,7 @@ class PicardEpochLoop(TrainingEpochLoop):
         with trainer.profiler.profile("picard_replay"):
             result = self._replay(tau, n, status, first_batch_idx)
         skip = result.skip
-        accepted, self._batches[:skip] = self._batches[:skip], []
-        self._count_steps(skip)
-        self._apply_logged(skip)
+        accepted = self._take_accepted(skip)
         if self.strategy.log_round_metrics:
             self._log_round(result, len(status.nonfinite))
         if status.stops and skip == n and status.stops[0] == n - 1:
@@ -684,12 +682,18 @@ class PicardEpochLoop(TrainingEpochLoop):
             return
         result = self._replay(tau, good, status, first_batch_idx)
         skip = result.skip
-        accepted, self._batches[:skip] = self._batches[:skip], []
-        self._count_steps(skip)
-        self._apply_logged(skip)
+        accepted = self._take_accepted(skip)
         self._end_steps(tau, accepted, first_batch_idx, self._step_outputs(outputs, status, skip))
         self.batch_progress.increment_completed()
         self._batches_that_stepped = tau + skip
+
+    def _take_accepted(self, skip: int) -> list[Any]:
+        """Take the round's first ``skip`` steps as done: count them, apply what they logged, and return their
+        batches (no longer buffered)."""
+        accepted, self._batches[:skip] = self._batches[:skip], []
+        self._count_steps(skip)
+        self._apply_logged(skip)
+        return accepted
 
     def _raise_if_a_rank_failed(self, status: RoundStatus, failure: BaseException | None) -> None:
         """If any rank's evaluation raised, every rank raises a :class:`PicardRankError` naming rank and step."""
