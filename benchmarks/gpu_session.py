@@ -65,7 +65,7 @@ DEVICE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux
 
 @dataclass(frozen=True)
 class Step:
-    """One measurement: a command, the seconds it may take, and what it writes into the output folder."""
+    """One measurement: a name for ``--only``, the command, and the seconds it may take."""
 
     name: str
     command: tuple[str, ...]
@@ -188,14 +188,13 @@ def run_step(step: Step, env: dict[str, str], deadline: float) -> tuple[str, flo
     start = time.monotonic()
     try:
         done = subprocess.run(step.command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=limit)
-    except subprocess.TimeoutExpired as stopped:
-        output = (
-            (stopped.stdout or b"").decode() if isinstance(stopped.stdout, bytes) else stopped.stdout or ""
+    except subprocess.TimeoutExpired as stopped:  # its output so far comes as bytes, even with text=True
+        output = b"".join(part or b"" for part in (stopped.stdout, stopped.stderr))
+        return (
+            f"stopped after its limit of {limit:.0f} s",
+            time.monotonic() - start,
+            output.decode(errors="replace"),
         )
-        errors = (
-            (stopped.stderr or b"").decode() if isinstance(stopped.stderr, bytes) else stopped.stderr or ""
-        )
-        return f"stopped after its limit of {limit:.0f} s", time.monotonic() - start, output + errors
     status = "passed" if done.returncode == 0 else f"failed (exit {done.returncode})"
     return status, time.monotonic() - start, done.stdout + done.stderr
 
